@@ -1,0 +1,237 @@
+"""CLIP and CLIP+FDT: a Vision Transformer and a text Transformer joined by a contrastive loss.
+
+Radford et al., "Learning Transferable Visual Models From Natural Language Supervision" (2021)
+for the encoders, initialisation and loss; Chen et al., CVPR 2023, Section 3 for the FDT head.
+
+    images (B, 3, H, W) -> VisionTransformer -> CLS (B, Wv), patches (B, N, Wv)
+    tokens (B, L)       -> TextTransformer   -> EOT (B, Wt), every token (B, L, Wt), real-token mask
+    head "proj": Linear(CLS) and Linear(EOT)                              (the CLIP baseline)
+    head "fdt":  QueryMap(patches) and QueryMap(tokens) -> one shared FDT  (CLIP+FDT)
+    -> L2-normalised embeddings (B, D) -> contrastive_loss
+
+The two heads share everything else, so `config.head` is the only difference between the models
+being compared.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fdt import FDT, QueryMap
+
+
+@dataclass
+class ModelConfig:
+    # vision tower
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    # text tower
+    vocab_size: int = 512         # set from the tokenizer's compact vocabulary before training
+    context_length: int = 32
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    # head
+    head: str = "fdt"             # "fdt" (CLIP+FDT) or "proj" (the CLIP baseline)
+    embed_dim: int = 128          # the joint space; also the FDT token dimension (d_fdt)
+    n_fdt: int = 1024
+    fdt_temperature: float = 30.0  # at T = 1 sparsemax keeps ~1 token and nothing trains; see README
+    fdt_activation: str = "sparsemax"  # "softmax" is the paper's ablation
+
+
+PRESETS = {
+    # trains on a 2-core CPU in minutes (64 px shapes)
+    "tiny": ModelConfig(),
+    # one GPU, COCO at 128 px: ViT-S/16-like towers
+    "small": ModelConfig(
+        image_size=128, patch_size=16, vision_width=384, vision_layers=6, vision_heads=6,
+        context_length=64, text_width=384, text_layers=6, text_heads=6,
+        embed_dim=384, n_fdt=4096,
+    ),
+    # ViT-B/32 at 224 px with CLIP's 12 x 512 text transformer and the official 16384 x 512 FDT
+    "base": ModelConfig(
+        image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
+        vocab_size=16384, context_length=77, text_width=512, text_layers=12, text_heads=8,
+        embed_dim=512, n_fdt=16384,
+    ),
+}
+
+
+# -----------------------------------------------------------------------------
+# transformer
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width, n_heads, causal):
+        super().__init__()
+        self.n_heads = n_heads
+        self.causal = causal
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=2)                 # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, C/h)
+        # causal attention is also padding-aware here: pads sit after the last real token, so no
+        # real token ever attends to one (pad outputs are garbage and are masked out downstream)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, T, C/h)
+        y = y.transpose(1, 2).reshape(B, T, C)                             # (B, T, C)
+        x = x + self.out(y)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, causal) for _ in range(layers))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """Conv patch embedding, a CLS token, learned positions, pre-LN transformer."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        n_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.cls = nn.Parameter(torch.zeros(width))
+        self.pos = nn.Parameter(torch.zeros(n_patches + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, causal=False)
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(self, images):
+        """images (B, 3, H, W) -> CLS feature (B, W), patch features (B, N, W)."""
+        x = self.patch_embed(images)                          # (B, W, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)                      # (B, N, W), patches in raster order
+        cls = self.cls.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
+        x = torch.cat([cls, x], dim=1) + self.pos.to(x.dtype)  # (B, 1 + N, W)
+        x = self.ln_post(self.transformer(self.ln_pre(x)))
+        return x[:, 0], x[:, 1:]
+
+
+class TextTransformer(nn.Module):
+    """Token + learned position embeddings, causal pre-LN transformer (as in CLIP)."""
+
+    def __init__(self, vocab_size, context_length, width, layers, heads):
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos = nn.Parameter(torch.zeros(context_length, width))
+        self.transformer = Transformer(width, layers, heads, causal=True)
+        self.ln_final = nn.LayerNorm(width)
+
+    def forward(self, tokens):
+        """tokens (B, L), 0 = pad after the end-of-text token ->
+        EOT feature (B, W), token features (B, L, W), mask (B, L) bool with True = real token."""
+        B, L = tokens.shape
+        x = self.token_embed(tokens) + self.pos[:L]           # (B, L, W)
+        x = self.ln_final(self.transformer(x))
+        mask = tokens != 0                                    # the end-of-text token counts as real
+        eot = mask.sum(dim=1) - 1                             # (B,) position of the end-of-text token
+        return x[torch.arange(B, device=x.device), eot], x, mask
+
+
+# -----------------------------------------------------------------------------
+# CLIP with a projection head or an FDT head
+
+class CLIP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.head not in ("fdt", "proj"):
+            raise ValueError(f"head must be 'fdt' or 'proj', got {config.head!r}")
+        self.config = config
+        c = config
+        self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads)
+        self.text = TextTransformer(c.vocab_size, c.context_length, c.text_width, c.text_layers, c.text_heads)
+        if c.head == "fdt":
+            self.image_query = QueryMap(c.vision_width, c.embed_dim)
+            self.text_query = QueryMap(c.text_width, c.embed_dim)
+            self.fdt = FDT(c.n_fdt, c.embed_dim, c.fdt_temperature, c.fdt_activation)
+        else:
+            self.image_proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
+            self.text_proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self._init_weights()
+
+    def _init_weights(self):
+        """CLIP's initialisation (openai/CLIP, clip/model.py: initialize_parameters)."""
+        for tower, width, layers in ((self.visual, self.config.vision_width, self.config.vision_layers),
+                                     (self.text, self.config.text_width, self.config.text_layers)):
+            attn_std = width ** -0.5
+            proj_std = width ** -0.5 * (2 * layers) ** -0.5   # residual branches scaled by depth
+            fc_std = (2 * width) ** -0.5
+            for block in tower.transformer.blocks:
+                nn.init.normal_(block.qkv.weight, std=attn_std)
+                nn.init.normal_(block.out.weight, std=proj_std)
+                nn.init.normal_(block.mlp[0].weight, std=fc_std)
+                nn.init.normal_(block.mlp[2].weight, std=proj_std)
+        nn.init.normal_(self.visual.cls, std=self.config.vision_width ** -0.5)
+        nn.init.normal_(self.visual.pos, std=self.config.vision_width ** -0.5)
+        nn.init.normal_(self.text.token_embed.weight, std=0.02)
+        nn.init.normal_(self.text.pos, std=0.01)
+        if self.config.head == "proj":
+            nn.init.normal_(self.image_proj.weight, std=self.config.vision_width ** -0.5)
+            nn.init.normal_(self.text_proj.weight, std=self.config.text_width ** -0.5)
+
+    def encode_image(self, images, return_weights=False):
+        """images (B, 3, H, W) normalised -> L2-normalised embedding (B, D)
+        [and the FDT weights (B, n_fdt), None for the projection head]."""
+        cls, patches = self.visual(images)
+        if self.config.head == "fdt":
+            weights, emb = self.fdt(self.image_query(patches))   # CLS excluded, as in the paper
+        else:
+            weights, emb = None, self.image_proj(cls)
+        emb = F.normalize(emb, dim=-1)
+        return (emb, weights) if return_weights else emb
+
+    def encode_text(self, tokens, return_weights=False):
+        """tokens (B, L) -> L2-normalised embedding (B, D) [and the FDT weights (B, n_fdt)]."""
+        eot, features, mask = self.text(tokens)
+        if self.config.head == "fdt":
+            weights, emb = self.fdt(self.text_query(features), mask)
+        else:
+            weights, emb = None, self.text_proj(eot)
+        emb = F.normalize(emb, dim=-1)
+        return (emb, weights) if return_weights else emb
+
+    def image_relevance(self, images):
+        """Per-patch relevance to every FDT token (B, N, n_fdt): which patches ground which token."""
+        _, patches = self.visual(images)
+        return self.fdt.relevance(self.image_query(patches))
+
+    def text_relevance(self, tokens):
+        """Per-word relevance to every FDT token (B, L, n_fdt) and the real-token mask (B, L)."""
+        _, features, mask = self.text(tokens)
+        return self.fdt.relevance(self.text_query(features)), mask
+
+    def forward(self, images, tokens):
+        """Both embeddings and both FDT weights (None for the projection head), in one call so that
+        DistributedDataParallel sees every parameter used."""
+        image_emb, image_weights = self.encode_image(images, return_weights=True)
+        text_emb, text_weights = self.encode_text(tokens, return_weights=True)
+        return image_emb, text_emb, image_weights, text_weights
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale):
+    """Symmetric InfoNCE: image i matches text i. Embeddings (B, D) L2-normalised; logit_scale is
+    the log of the inverse temperature (learned)."""
+    logits = logit_scale.exp() * image_emb.float() @ text_emb.float().t()   # (B, B)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

@@ -1,0 +1,104 @@
+"""The two towers, both heads, every preset, the loss, and that training moves the loss."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model import CLIP, PRESETS, ModelConfig, contrastive_loss
+
+
+def batch(config, B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, config.image_size, config.image_size, generator=g)
+    tokens = torch.randint(3, config.vocab_size, (B, config.context_length), generator=g)
+    lengths = torch.randint(2, config.context_length + 1, (B,), generator=g)
+    pos = torch.arange(config.context_length)
+    tokens[pos >= lengths[:, None]] = 0                     # pads after the end
+    tokens[torch.arange(B), lengths - 1] = 2                # end-of-text token last
+    return images, tokens
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("head", ["fdt", "proj"])
+def test_shapes_for_every_preset_and_head(name, head):
+    config = replace(PRESETS[name], head=head)
+    torch.manual_seed(0)
+    model = CLIP(config).eval()
+    images, tokens = batch(config, 2)
+    with torch.no_grad():
+        img, txt, wi, wt = model(images, tokens)
+    assert img.shape == txt.shape == (2, config.embed_dim)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(2))
+    if head == "fdt":
+        assert wi.shape == wt.shape == (2, config.n_fdt)
+        torch.testing.assert_close(wi.sum(-1), torch.ones(2))
+        assert ((wi > 0).sum(-1) < config.n_fdt).all()      # sparse
+    else:
+        assert wi is None and wt is None
+    torch.testing.assert_close(model.logit_scale.exp(), torch.tensor(1 / 0.07))
+
+
+def test_text_features_ignore_padding():
+    config = replace(PRESETS["tiny"], vocab_size=50)
+    torch.manual_seed(0)
+    model = CLIP(config).eval()
+    tokens = torch.tensor([[5, 6, 7, 2] + [0] * 28])
+    with torch.no_grad():
+        a, wa = model.encode_text(tokens, return_weights=True)
+        short, ws = model.encode_text(tokens[:, :4], return_weights=True)   # no pads at all
+    torch.testing.assert_close(a, short, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wa, ws, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["fdt", "proj"])
+def test_loss_at_init_near_log_batch(head):
+    config = replace(PRESETS["tiny"], head=head, vocab_size=100)
+    torch.manual_seed(0)
+    model = CLIP(config)
+    images, tokens = batch(config, 64)
+    with torch.no_grad():
+        img, txt, _, _ = model(images, tokens)
+        loss = contrastive_loss(img, txt, model.logit_scale)
+    # random embeddings: cosine std ~ 1/sqrt(D), so the loss is ln(B) plus a small excess
+    assert abs(loss.item() - math.log(64)) < 1.0
+
+
+def test_contrastive_loss_matches_by_hand():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scale = torch.tensor(2.0)
+    logits = (img @ txt.t()).double() * math.exp(2.0)
+    i2t = -torch.log_softmax(logits, 1).diag().mean()
+    t2i = -torch.log_softmax(logits, 0).diag().mean()
+    torch.testing.assert_close(contrastive_loss(img, txt, scale).double(), (i2t + t2i) / 2)
+    # perfectly aligned embeddings with a large scale give a near-zero loss
+    assert contrastive_loss(img, img, torch.tensor(math.log(100))) < 0.01
+
+
+@pytest.mark.parametrize("head", ["fdt", "proj"])
+def test_a_few_steps_lower_the_loss(head):
+    config = ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
+                         vocab_size=60, context_length=12, text_width=64, text_layers=2, text_heads=2,
+                         embed_dim=64, n_fdt=256, head=head)
+    torch.manual_seed(0)
+    model = CLIP(config)
+    images, tokens = batch(config, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        img, txt, _, _ = model(images, tokens)
+        loss = contrastive_loss(img, txt, model.logit_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bad_head_is_rejected():
+    with pytest.raises(ValueError, match="head"):
+        CLIP(replace(PRESETS["tiny"], head="linear"))
