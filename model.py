@@ -14,7 +14,8 @@ being compared.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -235,3 +236,44 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
     logits = logit_scale.exp() * image_emb.float() @ text_emb.float().t()   # (B, B)
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain tensors, numbers, strings and lists only, so torch.load(weights_only=True)
+# reads them and no pickled object can run code
+
+CHECKPOINT_FORMAT = "fdt-clip"
+CHECKPOINT_VERSION = 1
+
+
+def config_from_dict(d):
+    """ModelConfig from a checkpoint's dict; unknown keys are an error, not silently dropped."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"model config has unknown fields {unknown}")
+    return ModelConfig(**d)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read one of our checkpoints, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable FDT-CLIP checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an FDT-CLIP checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
+    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(f"{path} has checkpoint format version {ckpt['version']}, newer than this code "
+                         f"reads ({CHECKPOINT_VERSION}); update the code")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild the CLIP model stored in a checkpoint dict (from load_checkpoint)."""
+    model = CLIP(config_from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
