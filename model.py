@@ -230,12 +230,22 @@ class CLIP(nn.Module):
         return image_emb, text_emb, image_weights, text_weights
 
 
-def contrastive_loss(image_emb, text_emb, logit_scale):
+def contrastive_loss(image_emb, text_emb, logit_scale, all_image_emb=None, all_text_emb=None, offset=0):
     """Symmetric InfoNCE: image i matches text i. Embeddings (B, D) L2-normalised; logit_scale is
-    the log of the inverse temperature (learned)."""
-    logits = logit_scale.exp() * image_emb.float() @ text_emb.float().t()   # (B, B)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    the log of the inverse temperature (learned).
+
+    With the batch split over processes (open_clip's local loss): image_emb, text_emb are this
+    process's b rows, all_*_emb the whole batch (N, D) gathered with gradients, and offset the
+    index of the first local row in it. The mean of the processes' losses is then the loss of the
+    whole batch, and so is the mean of their gradients, which is what DDP computes.
+    """
+    all_image_emb = image_emb if all_image_emb is None else all_image_emb
+    all_text_emb = text_emb if all_text_emb is None else all_text_emb
+    scale = logit_scale.exp()
+    logits_i2t = scale * image_emb.float() @ all_text_emb.float().t()   # (b, N)
+    logits_t2i = scale * text_emb.float() @ all_image_emb.float().t()   # (b, N)
+    labels = offset + torch.arange(image_emb.shape[0], device=image_emb.device)
+    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
 # -----------------------------------------------------------------------------

