@@ -1,0 +1,563 @@
+"""Evaluation: what a checkpoint learned, and what its FDT tokens stand for.
+
+    retrieval   image -> text and text -> image recall@1/5/10 and rsum under the COCO 5k protocol
+                (5 captions per image; an image -> text hit counts if any of its captions is in the top k)
+    zero-shot   prompt-ensemble classification (Radford et al. 2021, Section 3.1.4): the shapes test
+                sets (by shape, colour, (colour, shape) pair, held-out pairs), CIFAR-10/100, ImageFolder
+    inspect     figures of the FDT at work (Chen et al., CVPR 2023): which tokens an image and a caption
+                activate, which patches and words ground them, which tokens a matched pair shares, and
+                for shapes the concept-by-token matrix: do the same tokens fire for "red" in images and
+                in captions?
+
+    python eval.py retrieval --ckpt runs/shapes-fdt-tiny/ckpt.pt
+    python eval.py zeroshot --ckpt runs/shapes-fdt-tiny/ckpt.pt --dataset shapes
+    python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val --classnames names.txt
+    python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red circle"]
+
+train.py calls `evaluate` after every epoch. All embeddings come from `model.encode_image` /
+`model.encode_text`, in batches, under no_grad and (on CUDA) bf16 autocast.
+"""
+
+import argparse
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from model import load_checkpoint, model_from_checkpoint
+
+# -----------------------------------------------------------------------------
+# embeddings
+
+
+def _autocast(device):
+    """bf16 on CUDA (sparsemax still does its maths in float32), plain float32 elsewhere."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _encode_all(encode, batches, device, return_weights):
+    """Concatenated float32 embeddings (N, D) on `device` [and FDT weights (N, n_fdt), None for the
+    projection head] of every batch; encode(batch, return_weights=True) -> (emb, weights)."""
+    embs, weights = [], []
+    for batch in batches:
+        with _autocast(device):
+            emb, w = encode(batch.to(device, non_blocking=True), return_weights=True)
+        embs.append(emb.float())
+        weights.append(None if w is None else w.float())
+    emb = torch.cat(embs)
+    if not return_weights:
+        return emb
+    return emb, None if weights[0] is None else torch.cat(weights)
+
+
+def _as_tensor(images):
+    """uint8 images as a (b, 3, S, S) tensor: the caption sets' memmaps hold (b, S, S, 3) arrays,
+    the zero-shot sets and image loaders give (b, 3, S, S) tensors already."""
+    if torch.is_tensor(images):
+        return images
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # copy out of the memmap; (b, 3, S, S)
+
+
+@torch.no_grad()
+def embed_images(model, images_uint8, device, batch_size=256, return_weights=False):
+    """uint8 images, a (N, 3, S, S) tensor or a (N, S, S, 3) array -> L2-normalised (N, D) on
+    `device` [and the FDT weights (N, n_fdt)]."""
+    batches = (_as_tensor(images_uint8[a:a + batch_size]) for a in range(0, len(images_uint8), batch_size))
+
+    def encode(images, return_weights):
+        return model.encode_image(data.preprocess(images), return_weights)
+    return _encode_all(encode, batches, device, return_weights)
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts, device, batch_size=1024, return_weights=False):
+    """list of N strings -> L2-normalised (N, D) on `device` [and the FDT weights (N, n_fdt)]."""
+    batches = (tokenizer.encode(texts[a:a + batch_size]) for a in range(0, len(texts), batch_size))
+    return _encode_all(model.encode_text, batches, device, return_weights)
+
+
+# -----------------------------------------------------------------------------
+# retrieval
+
+
+def retrieval_metrics(image_emb, text_emb, text_to_image):
+    """Recall@1/5/10 in percent, both directions, and rsum (their sum, out of 600).
+
+    image_emb (N_img, D), text_emb (N_txt, D), text_to_image (N_txt,): the image of each caption.
+    A rank is the number of wrong candidates scoring at least as high as the best right one, so a
+    tie counts against the model (a collapsed model with one embedding for everything scores 0,
+    not 100). The full (N_img, N_txt) similarity matrix is built: 5k x 25k floats is 0.5 GB.
+    """
+    sim = image_emb.float() @ text_emb.float().t()                            # (N_img, N_txt)
+    text_to_image = text_to_image.to(sim.device)
+    match = text_to_image[None, :] == torch.arange(sim.shape[0], device=sim.device)[:, None]  # (N_img, N_txt)
+    # image -> text: the best of the image's own captions against every other image's caption
+    best_own = sim.masked_fill(~match, float("-inf")).amax(dim=1, keepdim=True)  # (N_img, 1)
+    i2t_rank = ((sim >= best_own) & ~match).sum(dim=1)                        # (N_img,)
+    # text -> image: the caption's image against every other image
+    own = sim.gather(0, text_to_image[None, :])                               # (1, N_txt)
+    t2i_rank = ((sim >= own) & ~match).sum(dim=0)                             # (N_txt,)
+    metrics = {}
+    for name, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+        for k in (1, 5, 10):
+            metrics[f"{name}_r{k}"] = 100 * (rank < k).float().mean().item()
+    metrics["rsum"] = sum(metrics.values())
+    return metrics
+
+
+def evaluate_retrieval(model, tokenizer, caption_set, device):
+    """Retrieval metrics on a caption set's first 5 captions per image, plus (FDT head) the mean
+    number of FDT tokens with non-zero weight per image and per caption."""
+    texts, text_to_image = data.retrieval_captions(caption_set)
+    image_emb, image_w = embed_images(model, caption_set.images, device, return_weights=True)
+    text_emb, text_w = embed_texts(model, tokenizer, texts, device, return_weights=True)
+    metrics = retrieval_metrics(image_emb, text_emb, text_to_image)
+    if image_w is not None:
+        metrics["active_image"] = (image_w > 0).sum(dim=1).float().mean().item()
+        metrics["active_text"] = (text_w > 0).sum(dim=1).float().mean().item()
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# zero-shot classification
+
+# CLIP's default prompt, then the 7 of its 80 ImageNet templates that openai/CLIP's notebook
+# Prompt_Engineering_for_ImageNet.ipynb found to work best together
+TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
+             "a photo of the large {}.", "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+
+def shapes_prompts(colour, shape):
+    """Prompts for one object of a (colour, shape) pair: the captions data.py writes for a single
+    object that do not say where it is, so they fit an object anywhere."""
+    a_colour = ("an " if colour[0] in "aeiou" else "a ") + colour
+    return [f"{a_colour} {shape}", f"the {shape} is {colour}",
+            f"there is one small {shape} and it is {colour}", f"there is one large {shape} and it is {colour}"]
+
+
+def zeroshot_classifier(model, tokenizer, classnames, templates, device):
+    """(C, D): per class, every template's normalised text embedding, averaged and renormalised."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    emb = embed_texts(model, tokenizer, texts, device)                        # (C * T, D)
+    return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)  # (C, D)
+
+
+def zeroshot_accuracy(image_emb, classifier, labels, topk=(1, 5)):
+    """Top-k accuracy in percent: {"top1": ..., "top5": ...}. image_emb (N, D), classifier (C, D),
+    labels (N,). With k >= C every image counts as a hit."""
+    logits = image_emb @ classifier.t()                                       # (N, C)
+    pred = logits.topk(min(max(topk), classifier.shape[0]), dim=1).indices    # (N, k_max), best first
+    correct = pred == labels.to(pred.device)[:, None]                         # (N, k_max), <= 1 True per row
+    return {f"top{k}": 100 * correct[:, :k].any(dim=1).float().mean().item() for k in topk}
+
+
+def shapes_prompt_embeddings(model, tokenizer, device, return_weights=False):
+    """Every pair's shapes_prompts embedded: (8 colours, 8 shapes, P prompts, D)
+    [and FDT weights (8, 8, P, n_fdt)], colours and shapes in data.COLOURS / data.SHAPES order."""
+    pairs = [(c, s) for c in data.COLOURS for s in data.SHAPES]
+    texts = [p for c, s in pairs for p in shapes_prompts(c, s)]
+    emb, weights = embed_texts(model, tokenizer, texts, device, return_weights=True)
+    C, S, P = len(data.COLOURS), len(data.SHAPES), len(texts) // len(pairs)
+    emb = emb.view(C, S, P, -1)                                               # (C, S, P, D)
+    return (emb, weights.view(C, S, P, -1)) if return_weights else emb        # weights (C, S, P, n_fdt)
+
+
+def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1,)):
+    """Top-1 (and any other top-k) on the shapes zero-shot split, classified by shape (8 classes),
+    colour (8), pair (64) and, on the images of held-out pairs only, pair (still among all 64).
+    Keys zs_shape, zs_colour, zs_pair, zs_heldout, and e.g. zs_shape_top5 for k > 1.
+
+    A shape's classifier ensembles the prompts of that shape in every colour, a colour's those of
+    that colour with every shape: the classes are told apart by one word while the rest of the
+    sentence looks like a training caption."""
+    zs = data.load_shapes_zeroshot(root, image_size)
+    image_emb = embed_images(model, zs["images"], device)                     # (N, D)
+    prompts = shapes_prompt_embeddings(model, tokenizer, device)              # (8, 8, P, D)
+    classifiers = {"shape": F.normalize(prompts.mean(dim=(0, 2)), dim=-1),    # (8, D)
+                   "colour": F.normalize(prompts.mean(dim=(1, 2)), dim=-1),   # (8, D)
+                   "pair": F.normalize(prompts.mean(dim=2).flatten(0, 1), dim=-1)}  # (64, D), colour * 8 + shape
+    heldout = zs["heldout"].to(device)
+    sets = {task: (image_emb, classifiers[task], zs["labels"][task]) for task in classifiers}
+    sets["heldout"] = (image_emb[heldout], classifiers["pair"], zs["labels"]["pair"][zs["heldout"]])
+    metrics = {}
+    for name, (emb, classifier, labels) in sets.items():
+        for k, acc in zeroshot_accuracy(emb, classifier, labels, topk).items():
+            metrics[f"zs_{name}" + ("" if k == "top1" else f"_{k}")] = acc
+    return metrics
+
+
+def image_transform(image_size):
+    """PIL image -> uint8 (3, S, S): shorter side resized to S (bicubic), then the centre crop.
+    CLIP's evaluation transform, and what data.py does when it caches the caption sets' images."""
+    import torchvision.transforms as T
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.PILToTensor()])
+
+
+CIFAR_FOLDERS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batches-py"),
+                 "cifar100": ("CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python")}
+
+
+def zeroshot_dataset(name, root, image_size, classnames_file=None):
+    """-> (dataset of (uint8 (3, S, S), label), class names). name: cifar10 | cifar100 | imagefolder.
+    ImageFolder class names are the sorted folder names, or the lines of `classnames_file` in that
+    order (an ImageNet validation set is sorted into synset folders like n01440764)."""
+    import torchvision
+    root = Path(root)
+    transform = image_transform(image_size)
+    if name in CIFAR_FOLDERS:
+        cls_name, archive, folder = CIFAR_FOLDERS[name]
+        cls = getattr(torchvision.datasets, cls_name)
+        try:  # finds a verified copy in root first; downloads only when there is none
+            dataset = cls(root, train=False, transform=transform, download=True)
+        except Exception as e:  # no network, a proxy, a truncated file
+            raise SystemExit(f"cannot get {name} into {root}/ ({type(e).__name__}: {e}).\nWithout network: "
+                             f"download {cls.url} elsewhere and put {archive} (or its extracted "
+                             f"{folder}/ folder) in {root}/") from None
+        classnames = dataset.classes
+    elif name == "imagefolder":
+        how = (f"put one sub-folder per class in {root}/, holding that class's images "
+               f"({root}/<class>/<image>.jpg); with folder names that are not words (ImageNet's "
+               f"n01440764 ...) pass --classnames FILE, one name per line in sorted-folder order")
+        if not root.is_dir():
+            raise SystemExit(f"no image folder at {root}: {how}")
+        try:
+            dataset = torchvision.datasets.ImageFolder(root, transform=transform)
+        except FileNotFoundError as e:  # no class folders, or a class folder without images
+            raise SystemExit(f"{e}: {how}") from None
+        classnames = dataset.classes
+        if classnames_file:
+            classnames = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
+            if len(classnames) != len(dataset.classes):
+                raise SystemExit(f"{classnames_file} has {len(classnames)} names but {root} has "
+                                 f"{len(dataset.classes)} class folders")
+    else:
+        raise ValueError(f"unknown zero-shot dataset {name!r}")
+    return dataset, [c.replace("_", " ") for c in classnames]  # "aquarium_fish" -> "aquarium fish"
+
+
+def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, batch_size=256, workers=0):
+    """Top-1 and top-5 of the TEMPLATES ensemble on a dataset of (uint8 image, label)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
+    embs, labels = [], []
+    for images, y in loader:
+        embs.append(embed_images(model, images, device, batch_size))
+        labels.append(y)
+    classifier = zeroshot_classifier(model, tokenizer, classnames, TEMPLATES, device)
+    return zeroshot_accuracy(torch.cat(embs), classifier, torch.cat(labels))
+
+
+# -----------------------------------------------------------------------------
+# evaluation during training
+
+
+def evaluate(model, tokenizer, source, root, device):
+    """Validation retrieval (+ the shapes zero-shot sets when source == "shapes"): one flat dict of
+    floats. `model` is the bare CLIP (not a DDP or compiled wrapper), already on `device`."""
+    size = model.config.image_size
+    metrics = evaluate_retrieval(model, tokenizer, data.load_split(source, root, "val", size), device)
+    if source == "shapes":
+        metrics.update(evaluate_shapes_zeroshot(model, tokenizer, root, size, device))
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# inspection figures
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_image_tokens(model, image, path, k=6):
+    """An image's k highest-weighted FDT tokens, and for each the relevance of every patch: the
+    token's score is the max over patches, so the bright patch is the one that activated it."""
+    plt, device, S = _pyplot(), model.logit_scale.device, model.config.image_size
+    x = data.preprocess(image[None].to(device))                               # (1, 3, S, S)
+    w = model.encode_image(x, return_weights=True)[1][0]                      # (n_fdt,)
+    relevance = model.image_relevance(x)[0]                                   # (N, n_fdt)
+    top = w.topk(min(k, int((w > 0).sum())))
+    g = S // model.config.patch_size
+    fig, axes = plt.subplots(1, len(top.indices) + 2, figsize=(2.2 * (len(top.indices) + 2), 2.6))
+    picture = image.permute(1, 2, 0).cpu().numpy()                            # (S, S, 3)
+    axes[0].imshow(picture)
+    axes[0].set_title(f"image ({int((w > 0).sum())} active)", fontsize=9)
+    axes[1].bar(range(len(top.indices)), top.values.cpu().numpy(), color="tab:blue")
+    axes[1].set_xticks(range(len(top.indices)), [f"#{i}" for i in top.indices.tolist()], rotation=90, fontsize=7)
+    axes[1].set_title("top FDT weights", fontsize=9)
+    for ax, token, weight in zip(axes[2:], top.indices.tolist(), top.values.tolist()):
+        heat = relevance[:, token].view(g, g).cpu().numpy()                   # (g, g), patches in raster order
+        ax.imshow(picture)
+        ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, S, S, 0), interpolation="nearest")
+        ax.set_title(f"#{token}  w={weight:.2f}", fontsize=9)
+    for ax in axes:
+        if ax is not axes[1]:
+            ax.axis("off")
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_text_tokens(model, tokenizer, caption, path, k=6):
+    """A caption's k highest-weighted FDT tokens and each one's relevance to every word; the dot
+    marks the word that wins the max-pool, i.e. the word that activated the token."""
+    plt, device = _pyplot(), model.logit_scale.device
+    tokens = tokenizer.encode([caption]).to(device)                           # (1, L)
+    w = model.encode_text(tokens, return_weights=True)[1][0]                  # (n_fdt,)
+    relevance, mask = model.text_relevance(tokens)                            # (1, L, n_fdt), (1, L)
+    n = int(mask[0].sum())
+    words = tokenizer.decode_ids(tokens[0, :n])
+    top = w.topk(min(k, int((w > 0).sum())))
+    grid = relevance[0, :n, top.indices].t().cpu().numpy()                    # (k, n): token x word
+    fig, (ax_w, ax_r) = plt.subplots(1, 2, figsize=(3 + 0.55 * n, 1.5 + 0.4 * len(top.indices)),
+                                     gridspec_kw={"width_ratios": [1, max(2, n / 3)]})
+    labels = [f"#{i}" for i in top.indices.tolist()]
+    ax_w.barh(range(len(labels)), top.values.cpu().numpy(), color="tab:orange")
+    ax_w.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax_w.invert_yaxis()
+    ax_w.set_title("FDT weight", fontsize=9)
+    im = ax_r.imshow(grid, cmap="viridis", aspect="auto")
+    ax_r.scatter(grid.argmax(axis=1), range(len(labels)), color="red", s=12)
+    ax_r.set_xticks(range(n), words, rotation=60, ha="right", fontsize=8)
+    ax_r.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax_r.set_title(f'relevance of each word: "{caption}"', fontsize=9)
+    fig.colorbar(im, ax=ax_r, fraction=0.03)
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_shared_tokens(model, tokenizer, image, caption, path, k=12):
+    """The FDT weights of an image and a caption side by side, on the k tokens with the largest
+    summed weight: a matched pair should put its weight on the same tokens."""
+    plt, device = _pyplot(), model.logit_scale.device
+    wi = model.encode_image(data.preprocess(image[None].to(device)), return_weights=True)[1][0]  # (n_fdt,)
+    wt = model.encode_text(tokenizer.encode([caption]).to(device), return_weights=True)[1][0]   # (n_fdt,)
+    tokens = (wi + wt).topk(min(k, len(wi))).indices.tolist()
+    shared = int(((wi > 0) & (wt > 0)).sum())
+    fig, (ax_i, ax_b) = plt.subplots(1, 2, figsize=(11, 2.8), gridspec_kw={"width_ratios": [1, 4]})
+    ax_i.imshow(image.permute(1, 2, 0).cpu().numpy())
+    ax_i.axis("off")
+    x = np.arange(len(tokens))
+    ax_b.bar(x - 0.2, wi[tokens].cpu().numpy(), width=0.4, label="image")
+    ax_b.bar(x + 0.2, wt[tokens].cpu().numpy(), width=0.4, label="caption")
+    ax_b.set_xticks(x, [f"#{t}" for t in tokens], fontsize=8)
+    ax_b.legend(fontsize=8)
+    ax_b.set_title(f'"{caption}": {shared} tokens active in both (image {int((wi > 0).sum())}, '
+                   f"caption {int((wt > 0).sum())}); cosine {F.cosine_similarity(wi, wt, dim=0):.2f}", fontsize=9)
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_concept_tokens(model, tokenizer, root, path, per_concept=2):
+    """The concept-by-token matrix: for every colour and shape word, the mean FDT weights of the
+    single-object zero-shot images showing it and of the prompts naming it, on each concept's top
+    tokens. The paper's claim is that the same tokens light up in both panels.
+
+    Returns the mean cosine between the image and caption weight profiles of the same concept, and
+    of different concepts (the third panel's diagonal and off-diagonal)."""
+    plt, device = _pyplot(), model.logit_scale.device
+    zs = data.load_shapes_zeroshot(root, model.config.image_size)
+    _, wi = embed_images(model, zs["images"], device, return_weights=True)   # (N, n_fdt)
+    _, wt = shapes_prompt_embeddings(model, tokenizer, device, return_weights=True)  # (8, 8, P, n_fdt)
+    concepts = data.COLOURS + data.SHAPES
+    colour, shape = zs["labels"]["colour"].to(device), zs["labels"]["shape"].to(device)
+    image_rows = torch.stack([wi[colour == c].mean(dim=0) for c in range(len(data.COLOURS))]
+                             + [wi[shape == s].mean(dim=0) for s in range(len(data.SHAPES))])  # (16, n_fdt)
+    text_rows = torch.cat([wt.mean(dim=(1, 2)), wt.mean(dim=(0, 2))])       # (16, n_fdt)
+    columns = []  # each concept's top tokens, both modalities' weights summed, in concept order
+    for row in image_rows + text_rows:                                        # (n_fdt,) per concept
+        columns += [t for t in row.topk(per_concept).indices.tolist() if t not in columns]
+    cosine = F.normalize(image_rows, dim=1) @ F.normalize(text_rows, dim=1).t()  # (16, 16) image x caption
+    off_diagonal = ~torch.eye(len(concepts), dtype=torch.bool, device=device)
+    result = {"same_concept_cosine": cosine.diagonal().mean().item(),
+              "other_concept_cosine": cosine[off_diagonal].mean().item()}
+
+    fig, axes = plt.subplots(1, 3, figsize=(6 + 0.5 * len(columns), 5.5), layout="constrained",
+                             gridspec_kw={"width_ratios": [len(columns), len(columns), len(concepts)]})
+    for ax, rows, title in ((axes[0], image_rows, "images showing the concept"),
+                            (axes[1], text_rows, "prompts naming the concept")):
+        block = rows[:, columns]                                              # (16, n_columns)
+        ax.imshow((block / block.amax(dim=1, keepdim=True).clamp(min=1e-12)).cpu().numpy(), cmap="magma", vmin=0)
+        ax.set_xticks(range(len(columns)), [f"#{t}" for t in columns], rotation=90, fontsize=7)
+        ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
+        ax.set_title(f"{title}\n(mean FDT weight / row max)", fontsize=9)
+    axes[2].imshow(cosine.cpu().numpy(), cmap="viridis")
+    axes[2].set_xticks(range(len(concepts)), concepts, rotation=90, fontsize=7)
+    axes[2].set_yticks(range(len(concepts)), concepts, fontsize=7)
+    axes[2].set_xlabel("caption concept")
+    axes[2].set_ylabel("image concept")
+    axes[2].set_title(f"cosine of weight profiles\nsame {result['same_concept_cosine']:.2f}, "
+                      f"other {result['other_concept_cosine']:.2f}", fontsize=9)
+    _save(fig, path)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+@contextmanager
+def clear_errors():
+    """Checkpoint and dataset loaders raise FileNotFoundError / ValueError with a message that
+    says what to fix: show only that message."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def load(args):
+    """-> checkpoint dict, model on args.device in eval mode, tokenizer."""
+    with clear_errors():
+        ckpt = load_checkpoint(args.ckpt, map_location="cpu")
+        model = model_from_checkpoint(ckpt).to(args.device).eval()
+        tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+    return ckpt, model, tokenizer
+
+
+def data_source(ckpt, source=None, root=None):
+    """The given data source and root, else what the checkpoint was trained on."""
+    trained = ckpt.get("data", {})
+    source = source or trained.get("source")
+    root = root or (trained.get("root") if source == trained.get("source") else None)
+    if source is None:
+        raise SystemExit("the checkpoint does not say which data it was trained on: pass --data and --data-dir")
+    if root is None:
+        raise SystemExit(f"the checkpoint was trained on {trained.get('source')}, not {source}: pass --data-dir")
+    return source, Path(root)
+
+
+def write_json(path, record):
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+
+
+def run_retrieval(args):
+    ckpt, model, tokenizer = load(args)
+    source, root = data_source(ckpt, args.data, args.data_dir)
+    with clear_errors():
+        caption_set = data.load_split(source, root, args.split, model.config.image_size)
+    m = evaluate_retrieval(model, tokenizer, caption_set, args.device)
+    n_texts = len(data.retrieval_captions(caption_set)[0])
+    print(f"{source} {args.split}: {len(caption_set.images)} images, {n_texts} captions")
+    print(f"{'':>13} {'R@1':>6} {'R@5':>6} {'R@10':>6}")
+    for name, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+        print(f"{label:>13} " + " ".join(f"{m[f'{name}_r{k}']:6.1f}" for k in (1, 5, 10)))
+    active = "".join(f" | {k} {m[k]:.1f}" for k in ("active_image", "active_text") if k in m)
+    print(f"{'rsum':>13} {m['rsum']:6.1f}{active}")
+    write_json(Path(args.ckpt).parent / f"retrieval_{args.split}.json",
+               {"checkpoint": str(args.ckpt), "data": source, "root": str(root), "split": args.split, **m})
+
+
+def run_zeroshot(args):
+    ckpt, model, tokenizer = load(args)
+    size = model.config.image_size
+    if args.dataset == "shapes":
+        _, root = data_source(ckpt, "shapes", args.data_dir)
+        with clear_errors():
+            m = evaluate_shapes_zeroshot(model, tokenizer, root, size, args.device, topk=(1, 5))
+        rows = {task: (m[f"zs_{task}"], m[f"zs_{task}_top5"]) for task in ("shape", "colour", "pair", "heldout")}
+    else:
+        if args.dataset == "imagefolder" and not args.data_dir:
+            raise SystemExit("--dataset imagefolder needs --data-dir: the folder with one sub-folder per class")
+        root = Path(args.data_dir or f"data/{args.dataset}")
+        dataset, classnames = zeroshot_dataset(args.dataset, root, size, args.classnames)
+        acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device, workers=args.workers)
+        rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)": (acc["top1"], acc["top5"])}
+        m = {"zs_top1": acc["top1"], "zs_top5": acc["top5"], "classes": classnames}
+    print(f"{'':>20} {'top-1':>6} {'top-5':>6}")
+    for name, (top1, top5) in rows.items():
+        print(f"{name:>20} {top1:6.1f} {top5:6.1f}")
+    write_json(Path(args.ckpt).parent / f"zeroshot_{args.dataset}.json",
+               {"checkpoint": str(args.ckpt), "dataset": args.dataset, "root": str(root), **m})
+
+
+def run_inspect(args):
+    from PIL import Image
+    ckpt, model, tokenizer = load(args)
+    if model.config.head != "fdt":
+        raise SystemExit(f"{args.ckpt} is a CLIP baseline (projection head): it has no FDT tokens to "
+                         "inspect; train one with `python train.py --model fdt`")
+    out = Path(args.out or Path(args.ckpt).parent / "inspect")
+    size = model.config.image_size
+    examples = []  # (file name prefix, uint8 image (3, S, S) or None, caption or None)
+    concepts_root = None
+    if args.image or args.text:
+        image = None
+        if args.image:
+            with clear_errors(), Image.open(args.image) as im:
+                image = image_transform(size)(im.convert("RGB"))
+        examples.append(("", image, args.text))
+    else:  # a few validation pairs of the training data, and for shapes the concept matrix
+        source, root = data_source(ckpt, root=args.data_dir)
+        with clear_errors():
+            caption_set = data.load_split(source, root, "val", size)
+        for i in range(min(args.examples, len(caption_set.images))):
+            examples.append((f"val{i}_", _as_tensor(caption_set.images[i:i + 1])[0], caption_set.captions[i][0]))
+        concepts_root = root if source == "shapes" else None
+    written = []
+    for prefix, image, caption in examples:
+        if image is not None:
+            written.append(plot_image_tokens(model, image, out / f"{prefix}image_tokens.png"))
+        if caption is not None:
+            written.append(plot_text_tokens(model, tokenizer, caption, out / f"{prefix}text_tokens.png"))
+        if image is not None and caption is not None:
+            written.append(plot_shared_tokens(model, tokenizer, image, caption, out / f"{prefix}pair_tokens.png"))
+    if concepts_root is not None:
+        with clear_errors():
+            result = plot_concept_tokens(model, tokenizer, concepts_root, out / "concept_tokens.png")
+        written.append(out / "concept_tokens.png")
+        print(f"image vs caption FDT weight profiles, cosine: same concept {result['same_concept_cosine']:.2f}, "
+              f"different concepts {result['other_concept_cosine']:.2f}")
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
+
+    def command(name, run, help):
+        p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        commands[name] = run
+        return p
+
+    p = command("retrieval", run_retrieval, "COCO-protocol image-text retrieval")
+    p.add_argument("--data", choices=["shapes", "coco", "karpathy"], default=None, help="default: the checkpoint's")
+    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p = command("zeroshot", run_zeroshot, "prompt-ensemble zero-shot classification")
+    p.add_argument("--dataset", choices=["shapes", "cifar10", "cifar100", "imagefolder"], required=True)
+    p.add_argument("--data-dir", default=None,
+                   help="shapes: default the checkpoint's; cifar: default data/<dataset>; imagefolder: required")
+    p.add_argument("--classnames", default=None, help="imagefolder: one class name per line, sorted-folder order")
+    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p = command("inspect", run_inspect, "figures of the FDT tokens an image and a caption activate")
+    p.add_argument("--image", default=None, help="an image file")
+    p.add_argument("--text", default=None, help="a caption")
+    p.add_argument("--data-dir", default=None, help="validation examples from here (default: the checkpoint's data)")
+    p.add_argument("--examples", type=int, default=3, help="validation examples without --image / --text")
+    p.add_argument("--out", default=None, help="figure folder (default: inspect/ next to the checkpoint)")
+    args = parser.parse_args(argv)
+    commands[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
