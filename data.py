@@ -351,28 +351,28 @@ def _join(items: list[str]) -> str:
 
 def _captions(objects: list[dict]) -> list[str]:
     """5 differently phrased captions: colour, shape, size, position, count and relations. Every
-    caption names every object's shape."""
+    caption names every object's shape; some leave the colours out (as real captions leave out
+    what is obvious), and those can only be matched by shape."""
     o = objects[0]
     if len(objects) == 1:
         return [_a(f"{o['colour']} {o['shape']}"),
-                f"{_a(o['size'])} {o['colour']} {o['shape']} {WHERE[o['row'], o['col']]}",
+                f"{_a(o['size'])} {o['shape']} {WHERE[o['row'], o['col']]}",
                 f"there is one {o['size']} {o['shape']} and it is {o['colour']}",
                 f"{WHERE[o['row'], o['col']]}, {_a(o['colour'])} {o['shape']}",
                 f"the {o['shape']} is {o['colour']}"]
     number = ["two", "three"][len(objects) - 2]
     named = [_a(f"{p['colour']} {p['shape']}") for p in objects]
     one_colour = len({p["colour"] for p in objects}) == 1
-    relation = named[0]
+    relation = _a(o["shape"])  # without colours
     for j in range(1, len(objects)):  # each object relative to the previous one in reading order
         a, b = objects[j - 1], objects[j]
         rel = "left of" if a["col"] < b["col"] else "right of" if a["col"] > b["col"] else "above"
-        relation += (" " if j == 1 else ", which is ") + f"{rel} {named[j]}"
+        relation += (" " if j == 1 else ", which is ") + f"{rel} {_a(b['shape'])}"
+    counted = f"{number} shapes: " + _join([_a(f"{p['size']} {p['shape']}") for p in objects])  # without colours
     if one_colour:
-        counted = f"{number} {o['colour']} shapes: " + _join([_a(f"{p['size']} {p['shape']}") for p in objects])
         attribute = _join([f"the {p['shape']}" for p in objects]) + \
             f" are {'both' if len(objects) == 2 else 'all'} {o['colour']}"
     else:
-        counted = f"{number} shapes: " + _join([_a(f"{p['size']} {p['colour']} {p['shape']}") for p in objects])
         attribute = _join([f"the {p['shape']} is {p['colour']}" for p in objects])
     placed = _join([f"{n} {WHERE[p['row'], p['col']]}" for n, p in zip(named, objects)])
     return [_join(named), counted, relation, placed, attribute]

@@ -1,19 +1,26 @@
 """The small-scale study: CLIP vs CLIP+FDT on the shapes data, with the paper's ablations.
 
     python study.py run      # trains every run below (resumable: finished runs are skipped)
+    python study.py figures  # results/curves.png and results/inspect/*.png from the seed-0 runs
     python study.py table    # results/study.json -> the results table in README.md
 
-Every run is `python train.py` with its defaults (the tiny preset, the same budget, data and
-schedule) and only the flags listed below changed, so the runs differ in nothing else.
+Every run is `python train.py` with its defaults (the tiny preset, the shapes data, 2 epochs of
+128 pairs: 312 steps) and only the flags listed below changed, so the runs differ in nothing else.
+9 runs, two at a time with one thread each, take about 55 minutes on 2 CPU cores.
 """
 
 import argparse
 import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import train
+import eval as evaluation
 
 SEEDS = (0, 1, 2)
 # name -> extra train.py flags; the first two are run with every seed, the ablations with seed 0
@@ -36,28 +43,49 @@ README_END = "<!-- end of study table -->"
 
 
 def planned_runs():
-    for name, flags in RUNS.items():
-        for seed in SEEDS if name in SEEDED else SEEDS[:1]:
-            yield name, seed, flags
+    """(name, seed, flags), CLIP and CLIP+FDT of one seed next to each other so that they share the
+    machine alike when run side by side, then the ablations."""
+    for seed in SEEDS:
+        for name in SEEDED:
+            yield name, seed, RUNS[name]
+    for name in RUNS:
+        if name not in SEEDED:
+            yield name, SEEDS[0], RUNS[name]
+
+
+def train_one(name, seed, flags, args):
+    """One `python train.py` in its own process; returns the run's record for the results file."""
+    out = run_dir(args, name, seed)
+    argv = flags + ["--seed", str(seed), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    t0 = time.time()
+    result = subprocess.run([sys.executable, "train.py", *argv], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} seed {seed} failed:\n{result.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [r for r in records if r["kind"] == "eval"][-1]
+    metrics = {k: v for k, v in final_eval.items() if k not in ("kind", "step", "epoch")}
+    return {"name": name, "seed": seed, "argv": argv, "wall_s": time.time() - t0, "metrics": metrics}
 
 
 def run(args):
-    out = Path(args.out)
     results_path = Path(args.json)
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+    results["setup"] = {"jobs": args.jobs, "threads_per_job": args.threads,
+                        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
     done = {(r["name"], r["seed"]) for r in results["runs"]}
-    for name, seed, flags in planned_runs():
-        if (name, seed) in done:
-            continue
-        run_dir = out / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}"
-        argv = flags + ["--seed", str(seed), "--out", str(run_dir)] + args.train_args
-        print(f"== {name}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
-        t0 = time.time()
-        metrics = train.main(argv)
-        results["runs"].append({"name": name, "seed": seed, "argv": argv, "wall_s": time.time() - t0,
-                                "metrics": metrics})
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=1))   # after every run: a killed study resumes
+    todo = [job for job in planned_runs() if job[:2] not in done]
+    # small models use two cores poorly: two one-thread runs side by side finish sooner than one
+    # two-thread run after the other
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(train_one, name, seed, flags, args) for name, seed, flags in todo]
+        for future in as_completed(futures):
+            record = future.result()
+            print(f"{record['name']}, seed {record['seed']}: rsum {record['metrics']['rsum']:.1f} "
+                  f"in {record['wall_s']:.0f} s", flush=True)
+            results["runs"].append(record)
+            results_path.parent.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=1))   # after every run: a killed study resumes
 
 
 def table(results):
@@ -91,15 +119,51 @@ def update_readme(readme_text, table_text):
     return f"{head}{README_BEGIN}\n{table_text}\n{README_END}{tail}"
 
 
+def run_dir(args, name, seed):
+    return Path(args.out) / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}"
+
+
+def figures(args):
+    """results/curves.png (CLIP vs CLIP+FDT, seed 0) and the FDT inspection figures of CLIP+FDT seed 0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = Path(args.json).parent
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, colour in (("CLIP", "tab:blue"), ("CLIP+FDT", "tab:orange")):
+        records = [json.loads(line) for line in (run_dir(args, name, 0) / "metrics.jsonl").read_text().splitlines()]
+        train_rec = [r for r in records if r["kind"] == "train"]
+        eval_rec = [r for r in records if r["kind"] == "eval"]
+        ax_loss.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], color=colour, label=name)
+        for key, style in (("rsum", "-"), ("zs_shape", "--"), ("zs_heldout", ":")):
+            scale = 1 / 6 if key == "rsum" else 1   # rsum is out of 600: plot it on the same % axis
+            ax_eval.plot([r["step"] for r in eval_rec], [r[key] * scale for r in eval_rec], style,
+                         marker="o", color=colour, label=f"{name} {key}{' / 6' if key == 'rsum' else ''}")
+    ax_loss.set(title="training loss (seed 0)", xlabel="step")
+    ax_eval.set(title="validation (%)", xlabel="step")
+    ax_loss.legend()
+    ax_eval.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "curves.png", dpi=80)
+    plt.close(fig)
+    evaluation.main(["inspect", "--ckpt", str(run_dir(args, "CLIP+FDT", 0) / "ckpt.pt"), "--examples", "1",
+                     "--out", str(results / "inspect")])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["run", "table"])
+    p.add_argument("command", choices=["run", "figures", "table"])
     p.add_argument("--json", default="results/study.json", help="results file")
     p.add_argument("--out", default="runs/study", help="folder for the runs' checkpoints and curves")
     p.add_argument("--readme", default="README.md")
-    args, args.train_args = p.parse_known_args(argv)   # anything else goes to every train.py run
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = p.parse_args(argv)
     if args.command == "run":
         run(args)
+    elif args.command == "figures":
+        figures(args)
     else:
         readme = Path(args.readme)
         results = json.loads(Path(args.json).read_text())

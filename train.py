@@ -41,7 +41,7 @@ def parse_args(argv):
     p.add_argument("--data-dir", default=None, help="dataset root (default: data/<data>)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (model.PRESETS)")
     p.add_argument("--model", choices=["fdt", "clip"], default="fdt", help="FDT head or the CLIP projection head")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the training set (ignored with --steps)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training set (ignored with --steps)")
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size, over all processes")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -257,9 +257,15 @@ def main(argv=None):
     # --- the loop ----------------------------------------------------------------
     # Ctrl-C finishes the current step, then checkpoints and exits: never a half-applied update
     interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+
+    def on_ctrl_c(*_):
+        if interrupted:            # a second Ctrl-C: stop at once, keeping the last checkpoint
+            raise KeyboardInterrupt
+        interrupted.append(True)
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    last_eval = {}
+    last_eval = next((h for h in reversed(history) if h["kind"] == "eval"), {})   # a finished run resumed
+    last_eval = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "epoch")}
     t_last, samples_since = time.time(), 0
     try:
         while step < total_steps and not interrupted:
