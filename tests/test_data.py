@@ -257,12 +257,12 @@ def test_shapes_captions_describe_the_scene():
                {"colour": "blue", "shape": "heart", "size": "small", "row": 2, "col": 2, "x": 52, "y": 52}]
     assert data._captions(objects) == [
         "a red star, a blue circle and a blue heart",
-        "three shapes: a large red star, a small blue circle and a small blue heart",
-        "a red star left of a blue circle, which is above a blue heart",
+        "three shapes: a large star, a small circle and a small heart",
+        "a star left of a circle, which is above a heart",
         "a red star in the top left, a blue circle in the top right and a blue heart in the bottom right",
         "the star is red, the circle is blue and the heart is blue"]
     same = [dict(o, colour="orange") for o in objects[1:]]
-    assert data._captions(same)[1] == "two orange shapes: a small circle and a small heart"
+    assert data._captions(same)[1] == "two shapes: a small circle and a small heart"
     assert data._captions(same)[4] == "the circle and the heart are both orange"
 
 
