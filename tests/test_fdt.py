@@ -1,9 +1,10 @@
-"""sparsemax against an independent float64 reference, and the FDT layer's masking."""
+"""sparsemax against an independent float64 reference, the fast sparsemax against the sort-based one,
+the FDT layer's masking, and its max-pooled relevance against plain autograd."""
 
 import pytest
 import torch
 
-from fdt import FDT, QueryMap, sparsemax
+from fdt import FDT, MaxPooledRelevance, QueryMap, sparsemax, sparsemax_sort
 
 
 def sparsemax_bisection(x, dim=-1, iters=200):
@@ -158,3 +159,158 @@ def test_fdt_gradients_flow_to_tokens_and_queries():
     e.pow(2).sum().backward()
     assert q.grad[0, 2:].abs().sum() == 0                   # pads get no gradient
     assert q.grad[0, :2].abs().sum() > 0 and fdt.tokens.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# the fast sparsemax (partial top-k) against the sort-based reference
+
+def rows_with_support(n, sizes, generator):
+    """One row per size s whose sparsemax support is exactly s: s entries within 1e-3 of 1 (so
+    each keeps about 1 / s > 1e-3), all others at -100."""
+    rows = torch.full((len(sizes), n), -100.0)
+    for i, s in enumerate(sizes):
+        rows[i, torch.randperm(n, generator=generator)[:s]] = 1 + 1e-3 * torch.rand(s, generator=generator)
+    return rows
+
+
+def fast_path_inputs():
+    """(x, dim) pairs covering the partial top-k, its column narrowing (rows of >= 4096 entries), the
+    fall-back to 4k candidates and to the full sort, ties, -inf and wide supports."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(8, 16384, generator=g) * scale, -1) for scale in (1e-4, 1.0, 30.0, 1e4)]
+    cases.append((torch.randn(6, 5000, generator=g), -1))                       # not a multiple of 16
+    cases.append((torch.randn(3, 4096, 2, generator=g) * 3, 1))                   # another dim
+    cases.append((torch.zeros(4, 16384), -1))                                     # all tied: support = row
+    cases.append((torch.randint(0, 3, (16, 4096), generator=g).float(), -1))      # ~1365 tied maxima
+    cases.append((torch.randint(0, 1000, (16, 4096), generator=g).float() / 10, -1))  # a few tied maxima
+    with_inf = torch.randn(16, 4096, generator=g)
+    with_inf[torch.rand(16, 4096, generator=g) < 0.9] = float("-inf")
+    with_inf[:4, 10:] = float("-inf")                                             # fewer finite entries than k
+    with_inf[:, 0] = torch.randn(16, generator=g)                                 # at least one finite
+    cases.append((with_inf, -1))
+    sizes = [1, 2, 63, 64, 65, 255, 256, 257, 1000]                               # around k = 64 and 4k = 256
+    for n in (4096, 16384):
+        cases.append((rows_with_support(n, sizes, g), -1))
+    cases.append((rows_with_support(300, sizes[:-1], g), -1))                      # rows too short to narrow
+    one_column = torch.randn(4, 4096, generator=g)
+    one_column[:, 7::256] += 20                                                   # the 16 largest share a column
+    cases.append((one_column, -1))
+    for n in (1, 63, 64, 65):
+        cases.append((torch.randn(5, n, generator=g), -1))
+    return cases
+
+
+FAST_PATH_INPUTS = fast_path_inputs()
+
+
+@pytest.mark.parametrize("case", range(len(FAST_PATH_INPUTS)))
+def test_fast_sparsemax_matches_sort_reference(case):
+    x, dim = FAST_PATH_INPUTS[case]
+    x = x.clone().requires_grad_()
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(case))
+    p = sparsemax(x, dim)
+    (g,) = torch.autograd.grad(p, x, grad)
+    ref = sparsemax_sort(x, dim)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(p, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
+    assert (p[x == float("-inf")] == 0).all()
+
+
+def test_fast_sparsemax_support_sizes_around_k():
+    sizes = [1, 2, 63, 64, 65, 255, 256, 257, 1000]
+    x = rows_with_support(16384, sizes, torch.Generator().manual_seed(1))
+    assert (sparsemax(x) > 0).sum(-1).tolist() == sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_fast_sparsemax_dtypes(dtype):
+    x = (torch.randn(8, 4096, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
+    p = sparsemax(x)
+    assert p.dtype == dtype
+    torch.testing.assert_close(p, sparsemax_sort(x), atol=0, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# the max-pooled relevance against plain autograd through the (B, T, n_tokens) relevances
+
+def plain_pooled_relevance(fdt, queries, mask=None):
+    r = fdt.relevance(queries)                                   # (B, T, n_tokens)
+    if mask is not None:
+        r = r.masked_fill(~mask[:, :, None], float("-inf"))
+    return r.amax(dim=1)
+
+
+def random_mask(B, T, generator):
+    mask = torch.rand(B, T, generator=generator) < 0.6
+    mask[:, 0] = True                                            # every caption has a real token
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 13])
+def test_max_pooled_relevance_matches_plain_autograd(B, dtype):
+    g = torch.Generator().manual_seed(B)
+    torch.manual_seed(B)
+    fdt = FDT(96, 16, temperature=2.0).to(dtype)
+    T = 11
+    for mask in (None, random_mask(B, T, g)):
+        q = torch.randn(B, T, 16, generator=g, dtype=dtype).requires_grad_()
+        s = fdt.pooled_relevance(q, mask)
+        ref = plain_pooled_relevance(fdt, q, mask)
+        torch.testing.assert_close(s, ref, atol=1e-6, rtol=1e-6)
+        dense = torch.randn(B, 96, generator=g, dtype=dtype)
+        sparse = dense * (torch.rand(B, 96, generator=g) < 0.1)  # as after sparsemax: most (b, k) get none
+        for upstream in (dense, sparse, torch.zeros_like(dense)):
+            grads = torch.autograd.grad(s, (q, fdt.tokens), upstream, retain_graph=True)
+            ref_grads = torch.autograd.grad(ref, (q, fdt.tokens), upstream, retain_graph=True)
+            for got, want in zip(grads, ref_grads):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_max_pooled_relevance_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    for mask in (None, random_mask(2, 4, g)):
+        assert torch.autograd.gradcheck(lambda a, b: MaxPooledRelevance.apply(a, b, mask, 0.7), (q, tokens))
+
+
+def test_max_pooled_relevance_keeps_no_relevance_tensor():
+    fdt = FDT(512, 8)
+    s = fdt.pooled_relevance(torch.randn(4, 16, 8, requires_grad=True))
+    assert max(t.numel() for t in s.grad_fn.saved_tensors) < 4 * 16 * 512
+
+
+@pytest.mark.parametrize("activation", ["sparsemax", "softmax"])
+def test_fdt_forward_matches_plain_composite(activation):
+    torch.manual_seed(0)
+    fdt = FDT(200, 16, temperature=0.5, activation=activation)
+    q = torch.randn(6, 9, 16, requires_grad=True)
+    mask = random_mask(6, 9, torch.Generator().manual_seed(4))
+    w, e = fdt(q, mask)
+    s = plain_pooled_relevance(fdt, q, mask)
+    w_ref = sparsemax_sort(s) if activation == "sparsemax" else torch.softmax(s, dim=-1)
+    e_ref = w_ref @ fdt.tokens
+    torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(e, e_ref, atol=1e-5, rtol=1e-5)
+    upstream = torch.randn(6, 16)
+    grads = torch.autograd.grad(e, (q, fdt.tokens), upstream)
+    ref_grads = torch.autograd.grad(e_ref, (q, fdt.tokens), upstream)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fdt_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    fdt, query_map = FDT(256, 16, temperature=3.0), torch.nn.Linear(16, 16)
+    x = torch.randn(4, 9, 16)
+    mask = random_mask(4, 9, torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, e = fdt(query_map(x), mask)
+        s_ref = plain_pooled_relevance(fdt, query_map(x), mask)
+    assert w.dtype == e.dtype == torch.bfloat16
+    torch.testing.assert_close(w.float(), sparsemax(s_ref).float(), atol=2e-2, rtol=0)
+    e.float().pow(2).sum().backward()
+    assert fdt.tokens.grad.dtype == query_map.weight.grad.dtype == torch.float32
+    assert torch.isfinite(fdt.tokens.grad).all() and query_map.weight.grad.abs().sum() > 0

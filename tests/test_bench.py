@@ -1,0 +1,44 @@
+"""bench.py: the quick run prints every row, and the CPU peak-memory count is exact."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_prints_every_row(tmp_path):
+    # from an empty folder: no prepared dataset there, so the data row is a note and nothing is written
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--device", "cpu"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "torch " in lines[0] and "1 threads" in lines[0]
+    table = "\n".join(lines[1:])
+    for label in ("sparsemax fwd+bwd (32, 16384) fp32", "ours", "full sort", "train step, tiny, batch 16",
+                  "CLIP+FDT", "FDT max-pooled", "FDT plain autograd", "train step, tiny CLIP, batch 16",
+                  "data loading, shapes val"):
+        assert label in table, label
+    assert "entmax k=64" in table or "entmax not installed: skipped" in table
+    assert "open_clip" in table
+    assert "no shapes dataset" in table or "data.bench_loading not available" in table
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cpu_peak_memory_counts_live_and_allocated_tensors():
+    live = [torch.zeros(1000)]                                   # 4000 bytes held before
+
+    def f():
+        a = torch.empty(2**20)                                   # 4 MiB
+        b = torch.empty(2**21)                                   # 8 MiB: 12 MiB held at once
+        del a
+        c = torch.empty(2**19)                                   # 10 MiB held
+        return b, c
+
+    assert bench.peak_memory(f, torch.device("cpu"), live) == 4000 + 12 * 2**20
