@@ -5,6 +5,7 @@ so that load from other processes falls on both alike. A time is the median over
 ratio a / b is the median over the rounds of a's time over b's in the same round.
 
     python bench.py [--quick] [--device cpu|cuda]
+    python bench.py --flops      # parameters and training FLOPs per pair of every preset
 
 Rows:
     sparsemax    ours (partial top-k, exact) vs a plain full-sort sparsemax, and vs the `entmax`
@@ -348,12 +349,37 @@ def print_table(rows, header):
                   f"{r['unit']:<9} {r['ratio']:>6.2f} {r['target']:>8}  {r['note']}")
 
 
+# -----------------------------------------------------------------------------
+# model FLOPs per preset (counted, not timed: the basis of the GPU time estimates in the README)
+
+def count_flops():
+    """Parameters and training FLOPs per image-caption pair (forward + backward) of every preset and
+    head, counted by torch's FlopCounterMode on one CPU step of a batch of 2."""
+    rows = []
+    for name, preset in PRESETS.items():
+        for head in ("proj", "fdt"):
+            model = CLIP(replace(preset, head=head))
+            images, tokens = random_batch(preset, 2, "cpu")
+            with FlopCounterMode(display=False) as counter:
+                image_emb, text_emb, _, _ = model(images, tokens)
+                contrastive_loss(image_emb, text_emb, model.logit_scale).backward()
+            params = sum(p.numel() for p in model.parameters())
+            rows.append((name, "CLIP+FDT" if head == "fdt" else "CLIP", params, counter.get_total_flops() / 2))
+    print(f"{'preset':8}{'model':10}{'parameters':>12}{'GFLOP / pair':>14}")
+    for name, model, params, flops in rows:
+        print(f"{name:8}{model:10}{params / 1e6:>11.1f}M{flops / 1e9:>14.2f}")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="side-by-side speed and memory measurements")
     parser.add_argument("--quick", action="store_true",
                         help="2 repetitions, smaller batches and sparsemax input: the whole run in under a minute")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--flops", action="store_true", help="only count the training FLOPs of every preset")
     args = parser.parse_args(argv)
+    if args.flops:
+        return count_flops()
     device = torch.device(args.device)
     reps, batch_size = (2, 16) if args.quick else (11, 128)
 
