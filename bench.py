@@ -49,7 +49,7 @@ from fdt import sparsemax  # noqa: E402
 from model import CLIP, PRESETS, contrastive_loss  # noqa: E402
 
 # dense bf16 tensor-core peak in TFLOP/s (vendors' data sheets), by GPU name, for the MFU;
-# first match wins, so the PCIe H100 comes before the SXM one
+# first match wins, so a name that contains another comes first (H100 PCIe, A100, L40S before H100, A10, L4)
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0,
                     "L4": 121.0, "A10": 125.0}
 
@@ -184,10 +184,10 @@ def random_batch(config, batch_size, device, seed=0):
     """Random images and captions of random lengths (pads after the end-of-text token)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, config.image_size, config.image_size, generator=g)
-    tokens = torch.randint(3, config.vocab_size, (batch_size, config.context_length), generator=g)
+    tokens = torch.randint(data.N_SPECIAL, config.vocab_size, (batch_size, config.context_length), generator=g)
     lengths = torch.randint(2, config.context_length + 1, (batch_size,), generator=g)
-    tokens[torch.arange(config.context_length) >= lengths[:, None]] = 0
-    tokens[torch.arange(batch_size), lengths - 1] = 2
+    tokens[torch.arange(config.context_length) >= lengths[:, None]] = data.PAD
+    tokens[torch.arange(batch_size), lengths - 1] = data.EOT
     return images.to(device), tokens.to(device)
 
 

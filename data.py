@@ -341,8 +341,9 @@ def _render(objects: list[dict], rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+def with_article(words: str) -> str:
+    """The words with "a" or "an" in front, as the first word needs: "a red star", "an orange star"."""
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def _join(items: list[str]) -> str:
@@ -355,20 +356,20 @@ def _captions(objects: list[dict]) -> list[str]:
     what is obvious), and those can only be matched by shape."""
     o = objects[0]
     if len(objects) == 1:
-        return [_a(f"{o['colour']} {o['shape']}"),
-                f"{_a(o['size'])} {o['shape']} {WHERE[o['row'], o['col']]}",
+        return [with_article(f"{o['colour']} {o['shape']}"),
+                f"{with_article(o['size'])} {o['shape']} {WHERE[o['row'], o['col']]}",
                 f"there is one {o['size']} {o['shape']} and it is {o['colour']}",
-                f"{WHERE[o['row'], o['col']]}, {_a(o['colour'])} {o['shape']}",
+                f"{WHERE[o['row'], o['col']]}, {with_article(o['colour'])} {o['shape']}",
                 f"the {o['shape']} is {o['colour']}"]
     number = ["two", "three"][len(objects) - 2]
-    named = [_a(f"{p['colour']} {p['shape']}") for p in objects]
+    named = [with_article(f"{p['colour']} {p['shape']}") for p in objects]
     one_colour = len({p["colour"] for p in objects}) == 1
-    relation = _a(o["shape"])  # without colours
+    relation = with_article(o["shape"])  # without colours
     for j in range(1, len(objects)):  # each object relative to the previous one in reading order
         a, b = objects[j - 1], objects[j]
         rel = "left of" if a["col"] < b["col"] else "right of" if a["col"] > b["col"] else "above"
-        relation += (" " if j == 1 else ", which is ") + f"{rel} {_a(b['shape'])}"
-    counted = f"{number} shapes: " + _join([_a(f"{p['size']} {p['shape']}") for p in objects])  # without colours
+        relation += (" " if j == 1 else ", which is ") + f"{rel} {with_article(b['shape'])}"
+    counted = f"{number} shapes: " + _join([with_article(f"{p['size']} {p['shape']}") for p in objects])  # without colours
     if one_colour:
         attribute = _join([f"the {p['shape']}" for p in objects]) + \
             f" are {'both' if len(objects) == 2 else 'all'} {o['colour']}"
@@ -739,7 +740,10 @@ def main(argv: list[str] | None = None):
         prepare_shapes(args.root)
         print(f"shapes dataset ready in {args.root} ({time.perf_counter() - t0:.1f} s)")
     elif args.command == "coco":
-        root = download_coco(args.download)
+        try:
+            root = download_coco(args.download)
+        except (OSError, http.client.HTTPException, RuntimeError, zipfile.BadZipFile) as e:  # no network, a bad file
+            raise SystemExit(f"error: the COCO download into {args.download} stopped: {e}") from None
         print(f"COCO 2017 ready in {root}")
     else:
         rows = bench_loading(root=args.root, batch_size=args.batch_size, seconds=args.seconds)

@@ -14,7 +14,7 @@
     python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val --classnames names.txt
     python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red circle"]
 
-train.py calls `evaluate` after every epoch. All embeddings come from `model.encode_image` /
+train.py calls `evaluate` every --eval-every epochs and at the end. All embeddings come from `model.encode_image` /
 `model.encode_text`, in batches, under no_grad and (on CUDA) bf16 autocast.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 from model import load_checkpoint, model_from_checkpoint
@@ -135,8 +136,7 @@ TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a o
 def shapes_prompts(colour, shape):
     """Prompts for one object of a (colour, shape) pair: the captions data.py writes for a single
     object that do not say where it is, so they fit an object anywhere."""
-    a_colour = ("an " if colour[0] in "aeiou" else "a ") + colour
-    return [f"{a_colour} {shape}", f"the {shape} is {colour}",
+    return [data.with_article(f"{colour} {shape}"), f"the {shape} is {colour}",
             f"there is one small {shape} and it is {colour}", f"there is one large {shape} and it is {colour}"]
 
 
@@ -193,7 +193,8 @@ def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1
 
 def image_transform(image_size):
     """PIL image -> uint8 (3, S, S): shorter side resized to S (bicubic), then the centre crop.
-    CLIP's evaluation transform, and what data.py does when it caches the caption sets' images."""
+    CLIP's evaluation transform, which data.py's image cache follows too (it decodes large JPEGs
+    at a reduced scale first, so its pixels can differ slightly)."""
     import torchvision.transforms as T
     return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(image_size), T.PILToTensor()])
@@ -270,17 +271,28 @@ def evaluate(model, tokenizer, source, root, device):
 # inspection figures
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
 
 
+def plot_eval_metrics(ax, records, keys=("rsum", "zs_shape", "zs_colour", "zs_heldout"), label="", **style):
+    """Evaluation records (dicts with "step" and metrics) over steps on one percent axis: rsum, out
+    of 600, is drawn divided by 6."""
+    for key in keys:
+        if records and key in records[0]:
+            scale = 1 / 6 if key == "rsum" else 1
+            ax.plot([r["step"] for r in records], [r[key] * scale for r in records], marker="o",
+                    label=f"{label}{key}{' / 6' if key == 'rsum' else ''}", **style)
+    ax.set(title="evaluation (%)", xlabel="step")
+
+
 def _save(fig, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -288,7 +300,7 @@ def _save(fig, path):
 def plot_image_tokens(model, image, path, k=6):
     """An image's k highest-weighted FDT tokens, and for each the relevance of every patch: the
     token's score is the max over patches, so the bright patch is the one that activated it."""
-    plt, device, S = _pyplot(), model.logit_scale.device, model.config.image_size
+    plt, device, S = pyplot(), model.logit_scale.device, model.config.image_size
     x = data.preprocess(image[None].to(device))                               # (1, 3, S, S)
     w = model.encode_image(x, return_weights=True)[1][0]                      # (n_fdt,)
     relevance = model.image_relevance(x)[0]                                   # (N, n_fdt)
@@ -316,7 +328,7 @@ def plot_image_tokens(model, image, path, k=6):
 def plot_text_tokens(model, tokenizer, caption, path, k=6):
     """A caption's k highest-weighted FDT tokens and each one's relevance to every word; the dot
     marks the word that wins the max-pool, i.e. the word that activated the token."""
-    plt, device = _pyplot(), model.logit_scale.device
+    plt, device = pyplot(), model.logit_scale.device
     tokens = tokenizer.encode([caption]).to(device)                           # (1, L)
     w = model.encode_text(tokens, return_weights=True)[1][0]                  # (n_fdt,)
     relevance, mask = model.text_relevance(tokens)                            # (1, L, n_fdt), (1, L)
@@ -344,18 +356,18 @@ def plot_text_tokens(model, tokenizer, caption, path, k=6):
 def plot_shared_tokens(model, tokenizer, image, caption, path, k=12):
     """The FDT weights of an image and a caption side by side, on the k tokens with the largest
     summed weight: a matched pair should put its weight on the same tokens."""
-    plt, device = _pyplot(), model.logit_scale.device
+    plt, device = pyplot(), model.logit_scale.device
     wi = model.encode_image(data.preprocess(image[None].to(device)), return_weights=True)[1][0]  # (n_fdt,)
     wt = model.encode_text(tokenizer.encode([caption]).to(device), return_weights=True)[1][0]   # (n_fdt,)
-    tokens = (wi + wt).topk(min(k, len(wi))).indices.tolist()
+    top = (wi + wt).topk(min(k, len(wi))).indices.tolist()                  # FDT token ids
     shared = int(((wi > 0) & (wt > 0)).sum())
     fig, (ax_i, ax_b) = plt.subplots(1, 2, figsize=(11, 2.8), gridspec_kw={"width_ratios": [1, 4]})
     ax_i.imshow(image.permute(1, 2, 0).cpu().numpy())
     ax_i.axis("off")
-    x = np.arange(len(tokens))
-    ax_b.bar(x - 0.2, wi[tokens].cpu().numpy(), width=0.4, label="image")
-    ax_b.bar(x + 0.2, wt[tokens].cpu().numpy(), width=0.4, label="caption")
-    ax_b.set_xticks(x, [f"#{t}" for t in tokens], fontsize=8)
+    x = np.arange(len(top))
+    ax_b.bar(x - 0.2, wi[top].cpu().numpy(), width=0.4, label="image")
+    ax_b.bar(x + 0.2, wt[top].cpu().numpy(), width=0.4, label="caption")
+    ax_b.set_xticks(x, [f"#{t}" for t in top], fontsize=8)
     ax_b.legend(fontsize=8)
     ax_b.set_title(f'"{caption}": {shared} tokens active in both (image {int((wi > 0).sum())}, '
                    f"caption {int((wt > 0).sum())}); cosine {F.cosine_similarity(wi, wt, dim=0):.2f}", fontsize=9)
@@ -370,7 +382,7 @@ def plot_concept_tokens(model, tokenizer, root, path, per_concept=2):
 
     Returns the mean cosine between the image and caption weight profiles of the same concept, and
     of different concepts (the third panel's diagonal and off-diagonal)."""
-    plt, device = _pyplot(), model.logit_scale.device
+    plt, device = pyplot(), model.logit_scale.device
     zs = data.load_shapes_zeroshot(root, model.config.image_size)
     _, wi = embed_images(model, zs["images"], device, return_weights=True)   # (N, n_fdt)
     _, wt = shapes_prompt_embeddings(model, tokenizer, device, return_weights=True)  # (8, 8, P, n_fdt)
@@ -379,8 +391,8 @@ def plot_concept_tokens(model, tokenizer, root, path, per_concept=2):
     image_rows = torch.stack([wi[colour == c].mean(dim=0) for c in range(len(data.COLOURS))]
                              + [wi[shape == s].mean(dim=0) for s in range(len(data.SHAPES))])  # (16, n_fdt)
     text_rows = torch.cat([wt.mean(dim=(1, 2)), wt.mean(dim=(0, 2))])       # (16, n_fdt)
-    columns = []  # each concept's top tokens, both modalities' weights summed, in concept order
-    for row in image_rows + text_rows:                                        # (n_fdt,) per concept
+    columns = []  # each concept's top tokens by its image and text weights summed, in concept order
+    for row in image_rows + text_rows:                                        # (16, n_fdt) summed: a row per concept
         columns += [t for t in row.topk(per_concept).indices.tolist() if t not in columns]
     cosine = F.normalize(image_rows, dim=1) @ F.normalize(text_rows, dim=1).t()  # (16, 16) image x caption
     off_diagonal = ~torch.eye(len(concepts), dtype=torch.bool, device=device)
@@ -476,7 +488,8 @@ def run_zeroshot(args):
         if args.dataset == "imagefolder" and not args.data_dir:
             raise SystemExit("--dataset imagefolder needs --data-dir: the folder with one sub-folder per class")
         root = Path(args.data_dir or f"data/{args.dataset}")
-        dataset, classnames = zeroshot_dataset(args.dataset, root, size, args.classnames)
+        with clear_errors():  # e.g. no --classnames file
+            dataset, classnames = zeroshot_dataset(args.dataset, root, size, args.classnames)
         acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device, workers=args.workers)
         rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)": (acc["top1"], acc["top5"])}
         m = {"zs_top1": acc["top1"], "zs_top5": acc["top5"], "classes": classnames}
@@ -488,7 +501,6 @@ def run_zeroshot(args):
 
 
 def run_inspect(args):
-    from PIL import Image
     ckpt, model, tokenizer = load(args)
     if model.config.head != "fdt":
         raise SystemExit(f"{args.ckpt} is a CLIP baseline (projection head): it has no FDT tokens to "
@@ -500,8 +512,11 @@ def run_inspect(args):
     if args.image or args.text:
         image = None
         if args.image:
-            with clear_errors(), Image.open(args.image) as im:
-                image = image_transform(size)(im.convert("RGB"))
+            try:
+                with Image.open(args.image) as im:
+                    image = image_transform(size)(im.convert("RGB"))
+            except OSError as e:  # missing, a folder, or not an image PIL can read
+                raise SystemExit(f"error: cannot read {args.image} as an image ({e})") from None
         examples.append(("", image, args.text))
     else:  # a few validation pairs of the training data, and for shapes the concept matrix
         source, root = data_source(ckpt, root=args.data_dir)

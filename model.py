@@ -41,7 +41,7 @@ class ModelConfig:
     # head
     head: str = "fdt"             # "fdt" (CLIP+FDT) or "proj" (the CLIP baseline)
     embed_dim: int = 128          # the joint space; also the FDT token dimension (d_fdt)
-    n_fdt: int = 1024
+    n_fdt: int = 1024             # official: 16384 (the base preset); 1024 keeps the tiny model fast on CPU
     fdt_temperature: float = 30.0  # at T = 1 sparsemax keeps ~1 token and nothing trains; see README
     fdt_activation: str = "sparsemax"  # "softmax" is the paper's ablation
 
@@ -119,11 +119,11 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
 
     def forward(self, images):
-        """images (B, 3, H, W) -> CLS feature (B, W), patch features (B, N, W)."""
-        x = self.patch_embed(images)                          # (B, W, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)                      # (B, N, W), patches in raster order
-        cls = self.cls.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, W)
-        x = torch.cat([cls, x], dim=1) + self.pos.to(x.dtype)  # (B, 1 + N, W)
+        """images (B, 3, H, W) -> CLS feature (B, Wv), patch features (B, N, Wv); Wv = width."""
+        x = self.patch_embed(images)                          # (B, Wv, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)                      # (B, N, Wv), patches in raster order
+        cls = self.cls.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, Wv)
+        x = torch.cat([cls, x], dim=1) + self.pos.to(x.dtype)  # (B, 1 + N, Wv)
         x = self.ln_post(self.transformer(self.ln_pre(x)))
         return x[:, 0], x[:, 1:]
 
@@ -140,9 +140,9 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens):
         """tokens (B, L), 0 = pad after the end-of-text token ->
-        EOT feature (B, W), token features (B, L, W), mask (B, L) bool with True = real token."""
+        EOT feature (B, Wt), token features (B, L, Wt), mask (B, L) bool with True = real token."""
         B, L = tokens.shape
-        x = self.token_embed(tokens) + self.pos[:L]           # (B, L, W)
+        x = self.token_embed(tokens) + self.pos[:L]           # (B, L, Wt)
         x = self.ln_final(self.transformer(x))
         mask = tokens != 0                                    # the end-of-text token counts as real
         eot = mask.sum(dim=1) - 1                             # (B,) position of the end-of-text token

@@ -5,7 +5,7 @@
     python study.py table    # results/study.json -> the results table in README.md
 
 Every run is `python train.py` with its defaults (the tiny preset, the shapes data, 2 epochs of
-128 pairs: 312 steps) and only the flags listed below changed, so the runs differ in nothing else.
+20,000 images at batch 128: 312 steps) and only the flags listed below changed, so the runs differ in nothing else.
 9 runs, two at a time with one thread each, take about 55 minutes on 2 CPU cores.
 """
 
@@ -59,7 +59,8 @@ def train_one(name, seed, flags, args):
     argv = flags + ["--seed", str(seed), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.time()
-    result = subprocess.run([sys.executable, "train.py", *argv], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), *argv], env=env,
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed:\n{result.stderr[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -125,23 +126,20 @@ def run_dir(args, name, seed):
 
 def figures(args):
     """results/curves.png (CLIP vs CLIP+FDT, seed 0) and the FDT inspection figures of CLIP+FDT seed 0."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = evaluation.pyplot()
     results = Path(args.json).parent
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.5))
     for name, colour in (("CLIP", "tab:blue"), ("CLIP+FDT", "tab:orange")):
-        records = [json.loads(line) for line in (run_dir(args, name, 0) / "metrics.jsonl").read_text().splitlines()]
+        metrics = run_dir(args, name, 0) / "metrics.jsonl"
+        if not metrics.exists():
+            raise SystemExit(f"no {metrics}: run `python study.py run` first")
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
         train_rec = [r for r in records if r["kind"] == "train"]
-        eval_rec = [r for r in records if r["kind"] == "eval"]
         ax_loss.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], color=colour, label=name)
         for key, style in (("rsum", "-"), ("zs_shape", "--"), ("zs_heldout", ":")):
-            scale = 1 / 6 if key == "rsum" else 1   # rsum is out of 600: plot it on the same % axis
-            ax_eval.plot([r["step"] for r in eval_rec], [r[key] * scale for r in eval_rec], style,
-                         marker="o", color=colour, label=f"{name} {key}{' / 6' if key == 'rsum' else ''}")
+            evaluation.plot_eval_metrics(ax_eval, [r for r in records if r["kind"] == "eval"], keys=(key,),
+                                         label=f"{name} ", color=colour, linestyle=style)
     ax_loss.set(title="training loss (seed 0)", xlabel="step")
-    ax_eval.set(title="validation (%)", xlabel="step")
     ax_loss.legend()
     ax_eval.legend(fontsize=7)
     fig.tight_layout()
@@ -166,6 +164,8 @@ def main(argv=None):
         figures(args)
     else:
         readme = Path(args.readme)
+        if not Path(args.json).exists():
+            raise SystemExit(f"no {args.json}: run `python study.py run` first")
         results = json.loads(Path(args.json).read_text())
         readme.write_text(update_readme(readme.read_text(), table(results)))
         print(table(results))

@@ -7,8 +7,8 @@
 
 One flat loop in the spirit of nanoGPT's train.py: AdamW (betas 0.9 / 0.98, no weight decay on
 norms, biases and the logit scale, as in CLIP and the FDT paper), linear warm-up then cosine decay,
-gradient clipping, bf16 / fp16 autocast, an evaluation and an atomic checkpoint every epoch (and
-on Ctrl-C), exact resume, and DistributedDataParallel with a contrastive loss over the global batch.
+gradient clipping, bf16 / fp16 autocast, an evaluation and an atomic checkpoint every epoch (or
+every --eval-every epochs; and on Ctrl-C), exact resume, and DistributedDataParallel with a contrastive loss over the global batch.
 """
 
 import argparse
@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<model>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--workers", type=int, default=0, help="data loader read-ahead threads")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate and checkpoint every N epochs")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "eval_every"):
@@ -66,8 +66,11 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
-    if args.lr <= 0 or args.weight_decay < 0 or args.warmup < 0 or args.grad_clip < 0 or args.workers < 0:
-        p.error("--lr must be positive; --weight-decay, --warmup, --grad-clip and --workers non-negative")
+    if args.lr <= 0:
+        p.error("--lr must be positive")
+    for name in ("weight_decay", "warmup", "grad_clip", "workers"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
     if args.n_fdt is not None and args.n_fdt < 1:
         p.error("--n-fdt must be at least 1")
     if args.fdt_temperature is not None and args.fdt_temperature <= 0:
@@ -110,13 +113,16 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def check_resumable(ckpt, model_config, args):
-    """The checkpoint must be of this exact model; name every field that differs."""
+def check_resumable(ckpt, model_config, args, total_steps):
+    """Resuming is exact only with the same model and the same data order, crops and schedule;
+    name every setting that differs."""
     stored = ckpt["model_config"]
     diffs = [f"{k}: checkpoint {stored.get(k)!r} vs now {v!r}" for k, v in asdict(model_config).items()
              if stored.get(k) != v]
-    if ckpt["train"]["batch_size"] != args.batch_size:
-        diffs.append(f"batch_size: checkpoint {ckpt['train']['batch_size']} vs now {args.batch_size}")
+    now = {"batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
+           "weight_decay": args.weight_decay, "total_steps": total_steps}
+    diffs += [f"{k}: checkpoint {ckpt['train'].get(k)!r} vs now {v!r}" for k, v in now.items()
+              if ckpt["train"].get(k) != v]
     if diffs:
         raise SystemExit("cannot resume: the checkpoint was trained with another configuration:\n  "
                          + "\n  ".join(diffs))
@@ -124,27 +130,15 @@ def check_resumable(ckpt, model_config, args):
 
 def plot_history(history, path):
     """loss, lr, logit scale and eval metrics over steps, one PNG refreshed every epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = evaluation.pyplot()
     train = [h for h in history if h["kind"] == "train"]
-    evals = [h for h in history if h["kind"] == "eval"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     for ax, key, title in zip(axes[:3], ("loss", "lr", "logit_scale"), ("train loss", "learning rate", "logit scale (exp)")):
         ax.plot([h["step"] for h in train], [h[key] for h in train])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    for key in ("rsum", "zs_shape", "zs_colour", "zs_heldout"):
-        if evals and key in evals[0]:
-            axes[3].plot([h["step"] for h in evals], [h[key] for h in evals], marker="o",
-                         label=key + (" / 6" if key == "rsum" else ""))
-    for line in axes[3].lines:
-        if line.get_label() == "rsum / 6":
-            line.set_ydata([y / 6 for y in line.get_ydata()])  # rsum is out of 600: same % axis
-    axes[3].set_title("eval (%)")
-    axes[3].set_xlabel("step")
-    if evals:
+        ax.set(title=title, xlabel="step")
+    evals = [h for h in history if h["kind"] == "eval"]
+    if evals:                                     # none yet when Ctrl-C comes before the first epoch ends
+        evaluation.plot_eval_metrics(axes[3], evals)
         axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -183,16 +177,17 @@ def main(argv=None):
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     ckpt = None
-    try:   # missing or malformed data and checkpoints: the message, not a traceback
+    try:   # missing or malformed data and checkpoints, too few images: the message, not a traceback
         train_set = data.load_split(args.data, root, "train", preset.image_size)
         if args.resume:
             ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+            tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+        else:
+            tokenizer = data.Tokenizer.build((c for caps in train_set.captions for c in caps), preset.context_length)
+        loader = data.TrainLoader(train_set, tokenizer, args.batch_size, seed=args.seed, rank=rank,
+                                  world_size=world_size, num_workers=args.workers)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if args.resume:
-        tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
-    else:
-        tokenizer = data.Tokenizer.build((c for caps in train_set.captions for c in caps), preset.context_length)
 
     # --- model -----------------------------------------------------------------
     overrides = {"head": "fdt" if args.model == "fdt" else "proj", "vocab_size": tokenizer.vocab_size}
@@ -205,16 +200,12 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    loader = data.TrainLoader(train_set, tokenizer, args.batch_size, seed=args.seed, rank=rank,
-                              world_size=world_size, num_workers=args.workers)
     steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set.images)} training images are fewer than one batch of {args.batch_size}")
     total_steps = args.steps or args.epochs * steps_per_epoch
     step = 0
     history = []
     if ckpt is not None:
-        check_resumable(ckpt, config, args)
+        check_resumable(ckpt, config, args, total_steps)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -240,7 +231,7 @@ def main(argv=None):
             "tokenizer": tokenizer.state_dict(), "data": {"source": args.data, "root": str(root)},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "epoch": step // steps_per_epoch, "rng": rng,
-            "train": {k: v for k, v in vars(args).items() if v is not None},
+            "train": {**{k: v for k, v in vars(args).items() if v is not None}, "total_steps": total_steps},
         })
         # metrics.jsonl only ever holds what a checkpoint can resume from
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))

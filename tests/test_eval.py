@@ -146,7 +146,7 @@ def test_shapes_prompts_are_phrased_like_the_captions():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """An FDT model trained 150 steps on a small shapes set (colour is learned first), saved the way
+    """An FDT model trained 250 steps on a small shapes set (colour is learned first), saved the way
     train.py saves it, and an untrained projection-head checkpoint."""
     root = data.prepare_shapes(tmp_path_factory.mktemp("shapes"), n_train=640, n_val=50, n_test_per_pair=3)
     train_set = data.load_split("shapes", root, "train", 32)
@@ -160,7 +160,7 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy machine
     batches = (batch for epoch in itertools.count() for batch in loader.epoch(epoch))
     try:
-        for images, tokens in itertools.islice(batches, 150):
+        for images, tokens in itertools.islice(batches, 250):
             image_emb, text_emb, _, _ = model(data.preprocess(images), tokens)
             loss = contrastive_loss(image_emb, text_emb, model.logit_scale)
             opt.zero_grad()
@@ -174,7 +174,7 @@ def trained(tmp_path_factory):
     def save(path, model):
         torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
                     "model_config": asdict(model.config), "tokenizer": tokenizer.state_dict(),
-                    "data": {"source": "shapes", "root": str(root)}, "step": 150}, path)
+                    "data": {"source": "shapes", "root": str(root)}, "step": 250}, path)
         return path
 
     torch.manual_seed(0)

@@ -49,19 +49,19 @@ def test_end_to_end(shapes, tmp_path, model):
 
 
 def test_resume_after_ctrl_c_is_exact(shapes, tmp_path, monkeypatch):
-    n = STEPS_PER_EPOCH + 4                      # crosses an epoch boundary (evaluation, checkpoint)
+    n = STEPS_PER_EPOCH + 2                      # crosses an epoch boundary (evaluation, checkpoint)
     train.main(flags(shapes, tmp_path / "straight", "--steps", str(n)))
 
     real_lr_at = train.lr_at
-    def ctrl_c_at_step_7(step, *args):
-        if step == 7:
+    def ctrl_c_at_step_3(step, *args):
+        if step == 3:
             signal.raise_signal(signal.SIGINT)     # a real Ctrl-C, mid-epoch
         return real_lr_at(step, *args)
-    monkeypatch.setattr(train, "lr_at", ctrl_c_at_step_7)
+    monkeypatch.setattr(train, "lr_at", ctrl_c_at_step_3)
     with pytest.raises(SystemExit) as stop:
         train.main(flags(shapes, tmp_path / "split", "--steps", str(n)))
     assert stop.value.code == 130
-    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 8  # step 7 finished
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 4  # step 3 finished
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     train.main(flags(shapes, tmp_path / "split", "--steps", str(n), "--resume"))
 
@@ -98,13 +98,13 @@ def test_ddp_two_processes_equal_one(shapes, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
     real_loss = train.contrastive_loss
     calls = []
-    def loss_goes_nan_at_step_8(*args):
+    def loss_goes_nan_at_step_7(*args):
         calls.append(1)
         loss = real_loss(*args)
-        return loss * float("nan") if len(calls) == 9 else loss
-    monkeypatch.setattr(train, "contrastive_loss", loss_goes_nan_at_step_8)
-    with pytest.raises(SystemExit, match="non-finite loss .* at step 8"):
-        train.main(flags(shapes, tmp_path, "--steps", "10"))
+        return loss * float("nan") if len(calls) == 8 else loss
+    monkeypatch.setattr(train, "contrastive_loss", loss_goes_nan_at_step_7)
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 7"):
+        train.main(flags(shapes, tmp_path, "--steps", "8"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
 
 
@@ -123,6 +123,13 @@ def test_mismatched_resume_names_the_difference(shapes, tmp_path):
         train.main(flags(shapes, tmp_path, "--steps", "2", "--n-fdt", "256", "--resume"))
     with pytest.raises(SystemExit, match="head: checkpoint 'fdt' vs now 'proj'"):
         train.main(flags(shapes, tmp_path, "--steps", "2", "--model", "clip", "--resume"))
+    with pytest.raises(SystemExit, match="seed: checkpoint 0 vs now 1"):    # another data order: not exact
+        train.main(flags(shapes, tmp_path, "--steps", "2", "--seed", "1", "--resume"))
+
+
+def test_fewer_images_than_a_batch_is_a_clear_error(shapes, tmp_path):
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        train.main(flags(shapes, tmp_path, "--batch-size", "1024"))
 
 
 def test_missing_coco_says_how_to_get_it(tmp_path):
