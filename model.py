@@ -276,6 +276,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path} is not a readable FDT-CLIP checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an FDT-CLIP checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in ("model", "model_config", "tokenizer") if key not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is an incomplete FDT-CLIP checkpoint: no {', '.join(missing)}")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
         raise ValueError(f"{path} has checkpoint format version {ckpt['version']}, newer than this code "
                          f"reads ({CHECKPOINT_VERSION}); update the code")

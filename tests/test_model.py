@@ -102,3 +102,11 @@ def test_a_few_steps_lower_the_loss(head):
 def test_bad_head_is_rejected():
     with pytest.raises(ValueError, match="head"):
         CLIP(replace(PRESETS["tiny"], head="linear"))
+
+
+def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
+    from model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": {}}, path)
+    with pytest.raises(ValueError, match="incomplete .* no model_config, tokenizer"):
+        load_checkpoint(path)
