@@ -13,7 +13,7 @@ Rows:
     train step   CLIP+FDT vs the CLIP baseline at the tiny preset: time and peak memory; then the
                  FDT layer's max-pooled relevance vs plain autograd through (B, T, n_fdt)
     open_clip    our CLIP baseline vs open_clip's CLIP built at the same size, when installed
-    data         samples/s from the prepared cache vs decoding every item (data.bench_loading, which
+    data         samples/s from the prepared cache vs decoding every item (bench_loading, which
                  measures the two one after the other)
     base, bf16   on CUDA: CLIP+FDT vs CLIP at the base preset under bf16 autocast: time, samples/s,
                  model FLOPs utilisation and peak memory
@@ -32,6 +32,8 @@ import platform
 import statistics
 import time
 from dataclasses import replace
+from itertools import count
+from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (read once, when torch loads OpenMP). On a machine
 # shared with other jobs a spinning thread holds the core its partner needs, and every parallel op
@@ -45,11 +47,13 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import data  # noqa: E402
+import shapes  # noqa: E402
 from fdt import sparsemax  # noqa: E402
 from model import CLIP, PRESETS, contrastive_loss  # noqa: E402
 
 # dense bf16 tensor-core peak in TFLOP/s (vendors' data sheets), by GPU name, for the MFU;
 # first match wins, so a name that contains another comes first (H100 PCIe, A100, L40S before H100, A10, L4)
+SHAPES_ROOT = "data/shapes"
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0,
                     "L4": 121.0, "A10": 125.0}
 
@@ -297,11 +301,53 @@ def bench_open_clip(device, reps, batch_size):
 # -----------------------------------------------------------------------------
 # 4. data loading
 
-def bench_data(quick):
+class _PILDataset(torch.utils.data.Dataset):
+    """The usual pipeline: open, decode, resize and tokenise each item when it is asked for."""
+
+    def __init__(self, files: list[str], captions: list[list[str]], tokenizer: data.Tokenizer, size: int):
+        self.files, self.captions, self.tokenizer, self.size = files, captions, tokenizer, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = torch.from_numpy(data._decode(Path(self.files[i]), self.size)).permute(2, 0, 1)  # (3, S, S)
+        return image, self.tokenizer.encode([self.captions[i][0]])[0]
+
+
+def _samples_per_s(batches, seconds: float) -> float:
+    next(batches)  # warm-up: worker start, page cache
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        n += len(next(batches)[0])
+    return n / (time.perf_counter() - start)
+
+
+def bench_loading(root, split="val",
+                  sizes: tuple[int, ...] = (64, 224), batch_size: int = 256, seconds: float = 3.0) -> list[dict]:
+    """Samples/s of TrainLoader (from the cache) and of a PIL-per-item Dataset + DataLoader with one
+    worker per core, on the same images: one row per image size."""
+    rows = []
+    for size in sizes:
+        cs = data.load_split("shapes", root, split, size)
+        tokenizer = data.Tokenizer.build([c for caps in cs.captions for c in caps], context_length=32)
+        loader = data.TrainLoader(cs, tokenizer, batch_size, seed=0)
+        cached = (batch for e in count() for batch in loader.epoch(e))
+        dataset = _PILDataset(cs.image_files, cs.captions, tokenizer, size)
+        dl = torch.utils.data.DataLoader(dataset, batch_size, shuffle=True, drop_last=True,
+                                         num_workers=os.cpu_count(), persistent_workers=True)
+        pil = (batch for _ in count() for batch in dl)
+        rows.append({"image_size": size, "cache_samples_per_s": _samples_per_s(cached, seconds),
+                     "pil_samples_per_s": _samples_per_s(pil, seconds), "pil_workers": os.cpu_count()})
+    return rows
+
+
+def bench_data(quick, root=SHAPES_ROOT):
     name = "data loading, shapes val"
-    if quick and not data.shapes_ready(data.SHAPES_ROOT):
-        return [skipped(name, f"no shapes dataset in {data.SHAPES_ROOT} (python data.py shapes): skipped with --quick")]
-    rows = data.bench_loading(sizes=(64,), seconds=1.0) if quick else data.bench_loading()
+    if quick and not shapes.ready(root):
+        return [skipped(name, f"no shapes dataset in {root} (python shapes.py): skipped with --quick")]
+    shapes.prepare(root)
+    rows = bench_loading(root, sizes=(64,), seconds=1.0) if quick else bench_loading(root)
     return [row(f"{name}, {r['image_size']} px", "prepared cache", f"decode per item ({r['pil_workers']} workers)",
                 r["cache_samples_per_s"], r["pil_samples_per_s"], "samples/s",
                 r["cache_samples_per_s"] / r["pil_samples_per_s"]) for r in rows]

@@ -4,6 +4,8 @@
                 (5 captions per image; an image -> text hit counts if any of its captions is in the top k)
     zero-shot   prompt-ensemble classification (Radford et al. 2021, Section 3.1.4): the shapes test
                 sets (by shape, colour, (colour, shape) pair, held-out pairs), CIFAR-10/100, ImageFolder
+    binding     shapes: does an image score its caption above the same caption with two colours
+                swapped, a shape replaced, a relation reversed ...? (chance 50 %)
     inspect     figures of the FDT at work (Chen et al., CVPR 2023): which tokens an image and a caption
                 activate, which patches and words ground them, which tokens a matched pair shares, and
                 for shapes the concept-by-token matrix: do the same tokens fire for "red" in images and
@@ -11,6 +13,7 @@
 
     python eval.py retrieval --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py zeroshot --ckpt runs/shapes-fdt-tiny/ckpt.pt --dataset shapes
+    python eval.py binding --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val --classnames names.txt
     python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red circle"]
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import shapes
 from model import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -111,11 +115,12 @@ def retrieval_metrics(image_emb, text_emb, text_to_image):
     return metrics
 
 
-def evaluate_retrieval(model, tokenizer, caption_set, device):
+def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, image_w=None):
     """Retrieval metrics on a caption set's first 5 captions per image, plus (FDT head) the mean
     number of FDT tokens with non-zero weight per image and per caption."""
     texts, text_to_image = data.retrieval_captions(caption_set)
-    image_emb, image_w = embed_images(model, caption_set.images, device, return_weights=True)
+    if image_emb is None:
+        image_emb, image_w = embed_images(model, caption_set.images, device, return_weights=True)
     text_emb, text_w = embed_texts(model, tokenizer, texts, device, return_weights=True)
     metrics = retrieval_metrics(image_emb, text_emb, text_to_image)
     if image_w is not None:
@@ -131,13 +136,6 @@ def evaluate_retrieval(model, tokenizer, caption_set, device):
 # Prompt_Engineering_for_ImageNet.ipynb found to work best together
 TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
              "a photo of the large {}.", "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
-
-
-def shapes_prompts(colour, shape):
-    """Prompts for one object of a (colour, shape) pair: the captions data.py writes for a single
-    object that do not say where it is, so they fit an object anywhere."""
-    return [data.with_article(f"{colour} {shape}"), f"the {shape} is {colour}",
-            f"there is one small {shape} and it is {colour}", f"there is one large {shape} and it is {colour}"]
 
 
 def zeroshot_classifier(model, tokenizer, classnames, templates, device):
@@ -157,37 +155,85 @@ def zeroshot_accuracy(image_emb, classifier, labels, topk=(1, 5)):
 
 
 def shapes_prompt_embeddings(model, tokenizer, device, return_weights=False):
-    """Every pair's shapes_prompts embedded: (8 colours, 8 shapes, P prompts, D)
-    [and FDT weights (8, 8, P, n_fdt)], colours and shapes in data.COLOURS / data.SHAPES order."""
-    pairs = [(c, s) for c in data.COLOURS for s in data.SHAPES]
-    texts = [p for c, s in pairs for p in shapes_prompts(c, s)]
+    """Every pair's shapes.prompts embedded: (8 colours, 8 shapes, P prompts, D)
+    [and FDT weights (8, 8, P, n_fdt)], colours and shapes in shapes.COLOURS / shapes.SHAPES order."""
+    pairs = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
+    texts = [p for c, s in pairs for p in shapes.prompts(c, s)]
     emb, weights = embed_texts(model, tokenizer, texts, device, return_weights=True)
-    C, S, P = len(data.COLOURS), len(data.SHAPES), len(texts) // len(pairs)
+    C, S, P = len(shapes.COLOURS), len(shapes.SHAPES), len(texts) // len(pairs)
     emb = emb.view(C, S, P, -1)                                               # (C, S, P, D)
     return (emb, weights.view(C, S, P, -1)) if return_weights else emb        # weights (C, S, P, n_fdt)
 
 
+def heldout_accuracy(image_emb, pair_classifier, colour, shape):
+    """Percent of (image, other shape) comparisons in which the image's own (colour, shape) prompt
+    scores strictly higher than the same colour with another shape. image_emb (N, D),
+    pair_classifier (C, S, D), colour and shape (N,) indices. Chance, and a model that sees colour
+    but not shape, score 50 %."""
+    scores = torch.einsum("nd,nsd->ns", image_emb, pair_classifier[colour])   # (N, S): own colour, every shape
+    own = scores.gather(1, shape[:, None])                                    # (N, 1)
+    others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, shape[:, None], False)  # (N, S)
+    return 100 * (own > scores)[others].float().mean().item()
+
+
 def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1,)):
-    """Top-1 (and any other top-k) on the shapes zero-shot split, classified by shape (8 classes),
-    colour (8), pair (64) and, on the images of held-out pairs only, pair (still among all 64).
-    Keys zs_shape, zs_colour, zs_pair, zs_heldout, and e.g. zs_shape_top5 for k > 1.
+    """Top-1 (and any other top-k) on the shapes zero-shot split of single objects, classified by
+    shape (8 classes, chance 12.5 %), colour (8) and pair (64, chance 1.6 %). Keys zs_shape,
+    zs_colour, zs_pair, e.g. zs_shape_top5 for k > 1, and zs_heldout: on the images of the 8
+    held-out pairs, never seen together in training, heldout_accuracy (chance 50 %).
 
     A shape's classifier ensembles the prompts of that shape in every colour, a colour's those of
     that colour with every shape: the classes are told apart by one word while the rest of the
     sentence looks like a training caption."""
-    zs = data.load_shapes_zeroshot(root, image_size)
+    zs = shapes.load_zeroshot(root, image_size)
     image_emb = embed_images(model, zs["images"], device)                     # (N, D)
     prompts = shapes_prompt_embeddings(model, tokenizer, device)              # (8, 8, P, D)
+    pair = F.normalize(prompts.mean(dim=2), dim=-1)                           # (8, 8, D)
     classifiers = {"shape": F.normalize(prompts.mean(dim=(0, 2)), dim=-1),    # (8, D)
                    "colour": F.normalize(prompts.mean(dim=(1, 2)), dim=-1),   # (8, D)
-                   "pair": F.normalize(prompts.mean(dim=2).flatten(0, 1), dim=-1)}  # (64, D), colour * 8 + shape
-    heldout = zs["heldout"].to(device)
-    sets = {task: (image_emb, classifiers[task], zs["labels"][task]) for task in classifiers}
-    sets["heldout"] = (image_emb[heldout], classifiers["pair"], zs["labels"]["pair"][zs["heldout"]])
+                   "pair": pair.flatten(0, 1)}                                # (64, D), colour * 8 + shape
     metrics = {}
-    for name, (emb, classifier, labels) in sets.items():
-        for k, acc in zeroshot_accuracy(emb, classifier, labels, topk).items():
-            metrics[f"zs_{name}" + ("" if k == "top1" else f"_{k}")] = acc
+    for task, classifier in classifiers.items():
+        for k, acc in zeroshot_accuracy(image_emb, classifier, zs["labels"][task], topk).items():
+            metrics[f"zs_{task}" + ("" if k == "top1" else f"_{k}")] = acc
+    held = zs["heldout"].to(device)
+    metrics["zs_heldout"] = heldout_accuracy(image_emb[held], pair, zs["labels"]["colour"].to(device)[held],
+                                             zs["labels"]["shape"].to(device)[held])
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# binding: does the image prefer its caption to a minimal edit of it?
+
+
+def binding_accuracy(image_emb, true_emb, false_emb):
+    """Percent of rows where the image scores its true caption strictly higher than the false one
+    (a tie counts against the model). All (N, D); chance 50 %."""
+    return 100 * ((image_emb * true_emb).sum(-1) > (image_emb * false_emb).sum(-1)).float().mean().item()
+
+
+def binding_tests(caption_set, seed=0):
+    """kind -> (image indices (n,), true captions, false captions) from the "objects" of every
+    image entry, the edit drawn from an RNG per (seed, image): the same test every time."""
+    tests = {kind: ([], [], []) for kind in shapes.NEGATIVE_KINDS}
+    for i, entry in enumerate(caption_set.entries):
+        for kind, (true, false) in shapes.negatives(entry["objects"], np.random.default_rng([seed, i])).items():
+            for column, value in zip(tests[kind], (i, true, false)):
+                column.append(value)
+    return {kind: (torch.tensor(idx, dtype=torch.long), true, false) for kind, (idx, true, false) in tests.items() if idx}
+
+
+def evaluate_binding(model, tokenizer, caption_set, device, image_emb=None):
+    """bind_<kind> for each of shapes.NEGATIVE_KINDS that applies to some image of a shapes caption
+    set: two colours swapped, two shapes swapped, a shape or a colour replaced by an absent one, a
+    relation reversed. image_emb (N, D) can be passed when it is already computed."""
+    if image_emb is None:
+        image_emb = embed_images(model, caption_set.images, device)
+    metrics = {}
+    for kind, (idx, true, false) in binding_tests(caption_set).items():
+        true_emb = embed_texts(model, tokenizer, true, device)
+        false_emb = embed_texts(model, tokenizer, false, device)
+        metrics[f"bind_{kind}"] = binding_accuracy(image_emb[idx.to(image_emb.device)], true_emb, false_emb)
     return metrics
 
 
@@ -261,9 +307,12 @@ def evaluate(model, tokenizer, source, root, device):
     """Validation retrieval (+ the shapes zero-shot sets when source == "shapes"): one flat dict of
     floats. `model` is the bare CLIP (not a DDP or compiled wrapper), already on `device`."""
     size = model.config.image_size
-    metrics = evaluate_retrieval(model, tokenizer, data.load_split(source, root, "val", size), device)
+    val = data.load_split(source, root, "val", size)
+    image_emb, image_w = embed_images(model, val.images, device, return_weights=True)
+    metrics = evaluate_retrieval(model, tokenizer, val, device, image_emb, image_w)
     if source == "shapes":
         metrics.update(evaluate_shapes_zeroshot(model, tokenizer, root, size, device))
+        metrics.update(evaluate_binding(model, tokenizer, val, device, image_emb))
     return metrics
 
 
@@ -383,13 +432,13 @@ def plot_concept_tokens(model, tokenizer, root, path, per_concept=2):
     Returns the mean cosine between the image and caption weight profiles of the same concept, and
     of different concepts (the third panel's diagonal and off-diagonal)."""
     plt, device = pyplot(), model.logit_scale.device
-    zs = data.load_shapes_zeroshot(root, model.config.image_size)
+    zs = shapes.load_zeroshot(root, model.config.image_size)
     _, wi = embed_images(model, zs["images"], device, return_weights=True)   # (N, n_fdt)
     _, wt = shapes_prompt_embeddings(model, tokenizer, device, return_weights=True)  # (8, 8, P, n_fdt)
-    concepts = data.COLOURS + data.SHAPES
+    concepts = shapes.COLOURS + shapes.SHAPES
     colour, shape = zs["labels"]["colour"].to(device), zs["labels"]["shape"].to(device)
-    image_rows = torch.stack([wi[colour == c].mean(dim=0) for c in range(len(data.COLOURS))]
-                             + [wi[shape == s].mean(dim=0) for s in range(len(data.SHAPES))])  # (16, n_fdt)
+    image_rows = torch.stack([wi[colour == c].mean(dim=0) for c in range(len(shapes.COLOURS))]
+                             + [wi[shape == s].mean(dim=0) for s in range(len(shapes.SHAPES))])  # (16, n_fdt)
     text_rows = torch.cat([wt.mean(dim=(1, 2)), wt.mean(dim=(0, 2))])       # (16, n_fdt)
     columns = []  # each concept's top tokens by its image and text weights summed, in concept order
     for row in image_rows + text_rows:                                        # (16, n_fdt) summed: a row per concept
@@ -483,7 +532,8 @@ def run_zeroshot(args):
         _, root = data_source(ckpt, "shapes", args.data_dir)
         with clear_errors():
             m = evaluate_shapes_zeroshot(model, tokenizer, root, size, args.device, topk=(1, 5))
-        rows = {task: (m[f"zs_{task}"], m[f"zs_{task}_top5"]) for task in ("shape", "colour", "pair", "heldout")}
+        rows = {task: (m[f"zs_{task}"], m[f"zs_{task}_top5"]) for task in ("shape", "colour", "pair")}
+        rows["heldout (vs other shapes)"] = (m["zs_heldout"], None)
     else:
         if args.dataset == "imagefolder" and not args.data_dir:
             raise SystemExit("--dataset imagefolder needs --data-dir: the folder with one sub-folder per class")
@@ -493,11 +543,25 @@ def run_zeroshot(args):
         acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device, workers=args.workers)
         rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)": (acc["top1"], acc["top5"])}
         m = {"zs_top1": acc["top1"], "zs_top5": acc["top5"], "classes": classnames}
-    print(f"{'':>20} {'top-1':>6} {'top-5':>6}")
+    print(f"{'':>26} {'top-1':>6} {'top-5':>6}")
     for name, (top1, top5) in rows.items():
-        print(f"{name:>20} {top1:6.1f} {top5:6.1f}")
+        print(f"{name:>26} {top1:6.1f} " + ("" if top5 is None else f"{top5:6.1f}"))
     write_json(Path(args.ckpt).parent / f"zeroshot_{args.dataset}.json",
                {"checkpoint": str(args.ckpt), "dataset": args.dataset, "root": str(root), **m})
+
+
+def run_binding(args):
+    ckpt, model, tokenizer = load(args)
+    source, root = data_source(ckpt, "shapes", args.data_dir)
+    with clear_errors():
+        caption_set = data.load_split(source, root, "val", model.config.image_size)
+    m = evaluate_binding(model, tokenizer, caption_set, args.device)
+    tests = binding_tests(caption_set)
+    print(f"binding on {len(caption_set.images)} shapes val images: true caption vs a minimal edit (chance 50 %)")
+    for kind in tests:
+        print(f"{kind:>15} {m[f'bind_{kind}']:6.1f}  ({len(tests[kind][0])} images; e.g. "
+              f"\"{tests[kind][1][0]}\" vs \"{tests[kind][2][0]}\")")
+    write_json(Path(args.ckpt).parent / "binding.json", {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
 def run_inspect(args):
@@ -564,6 +628,8 @@ def main(argv: list[str] | None = None):
                    help="shapes: default the checkpoint's; cifar: default data/<dataset>; imagefolder: required")
     p.add_argument("--classnames", default=None, help="imagefolder: one class name per line, sorted-folder order")
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p = command("binding", run_binding, "shapes: true captions vs swapped / replaced / reversed ones")
+    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
     p = command("inspect", run_inspect, "figures of the FDT tokens an image and a caption activate")
     p.add_argument("--image", default=None, help="an image file")
     p.add_argument("--text", default=None, help="a caption")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
+import shapes
 from model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CLIP, PRESETS, contrastive_loss, load_checkpoint
 
 MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned inverse temperature at 100
@@ -54,6 +55,12 @@ def parse_args(argv):
     p.add_argument("--fdt-activation", choices=["sparsemax", "softmax"], default=None, help="default: preset's")
     p.add_argument("--n-fdt", type=int, default=None, help="number of FDT tokens (default: preset's)")
     p.add_argument("--fdt-temperature", type=float, default=None, help="FDT temperature (default: preset's)")
+    p.add_argument("--logit-scale-init", type=float, default=None, help="initial inverse temperature (default: preset's)")
+    p.add_argument("--augment", choices=["crop", "none"], default=None,
+                   help="random resized crops, or none (default: none for shapes, whose captions say where "
+                        "things are and whose objects a crop can cut off; crop otherwise)")
+    p.add_argument("--batching", choices=["grouped", "random"], default="grouped",
+                   help="grouped: a shapes scene and its edits share a batch; random: every image on its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<model>-<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
@@ -73,8 +80,10 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must not be negative")
     if args.n_fdt is not None and args.n_fdt < 1:
         p.error("--n-fdt must be at least 1")
-    if args.fdt_temperature is not None and args.fdt_temperature <= 0:
-        p.error("--fdt-temperature must be positive")
+    for name in ("fdt_temperature", "logit_scale_init"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    args.augment = args.augment or ("none" if args.data == "shapes" else "crop")
     args.data_dir = args.data_dir or f"data/{args.data}"
     args.out = args.out or f"runs/{args.data}-{args.model}-{args.preset}"
     return args
@@ -120,7 +129,8 @@ def check_resumable(ckpt, model_config, args, total_steps):
     diffs = [f"{k}: checkpoint {stored.get(k)!r} vs now {v!r}" for k, v in asdict(model_config).items()
              if stored.get(k) != v]
     now = {"batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
-           "weight_decay": args.weight_decay, "total_steps": total_steps}
+           "weight_decay": args.weight_decay, "total_steps": total_steps, "augment": args.augment,
+           "batching": args.batching}
     diffs += [f"{k}: checkpoint {ckpt['train'].get(k)!r} vs now {v!r}" for k, v in now.items()
               if ckpt["train"].get(k) != v]
     if diffs:
@@ -169,8 +179,8 @@ def main(argv=None):
 
     # --- data ------------------------------------------------------------------
     root = Path(args.data_dir)
-    if args.data == "shapes" and master and not data.shapes_ready(root):
-        data.prepare_shapes(root)
+    if args.data == "shapes" and master and not shapes.ready(root):
+        shapes.prepare(root)
     if world_size > 1:
         dist.barrier()                              # other ranks wait for the generated data
     preset = PRESETS[args.preset]
@@ -185,13 +195,13 @@ def main(argv=None):
         else:
             tokenizer = data.Tokenizer.build((c for caps in train_set.captions for c in caps), preset.context_length)
         loader = data.TrainLoader(train_set, tokenizer, args.batch_size, seed=args.seed, rank=rank,
-                                  world_size=world_size, num_workers=args.workers)
+                                  world_size=world_size, num_workers=args.workers, grouped=args.batching == "grouped")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
     # --- model -----------------------------------------------------------------
     overrides = {"head": "fdt" if args.model == "fdt" else "proj", "vocab_size": tokenizer.vocab_size}
-    for key in ("fdt_activation", "n_fdt", "fdt_temperature"):
+    for key in ("fdt_activation", "n_fdt", "fdt_temperature", "logit_scale_init"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     config = replace(preset, **overrides)
@@ -269,8 +279,11 @@ def main(argv=None):
                 tokens = tokens.to(device, non_blocking=True)
                 # crops for the global batch drawn from (seed, step), this process's rows kept: a resumed
                 # run redraws the same crops and N processes crop exactly as one process would
-                crops = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-                images = data.augment(images, torch.rand(args.batch_size, 4, generator=crops)[loader.local])
+                if args.augment == "crop":
+                    crops = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+                    images = data.augment(images, torch.rand(args.batch_size, 4, generator=crops)[loader.local])
+                else:
+                    images = data.preprocess(images)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     image_emb, text_emb, image_w, text_w = model(images, tokens)
                 loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank, world_size)
