@@ -51,7 +51,7 @@ SUPERSAMPLE = 4                         # shapes are drawn 4x larger, then avera
 SPLIT_SEEDS = {"train2017": 0, "val2017": 1, "zeroshot": 2}
 GROUP = 4                               # training scenes per group: a scene and 3 edits of it
 # how often each edit makes a group member; a swap needs two colours, so one-object scenes get the others
-EDITS = {"swap_colour": 3, "replace_shape": 3, "replace_colour": 1, "swap_position": 1}
+EDITS = {"swap_colour": 6, "replace_shape": 2, "replace_colour": 1, "swap_position": 1}
 _YY, _XX = np.mgrid[0:PX, 0:PX].astype(np.float32) / (PX - 1) - 0.5  # (S, S) each, in [-0.5, 0.5]
 
 

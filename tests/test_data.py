@@ -1,14 +1,7 @@
-"""data.py: tokenizer, COCO / Karpathy loading, the shapes generator, the image cache, the
-loader, augmentation and the resumable download (against a local HTTP server)."""
+"""data.py: tokenizer, COCO / Karpathy loading, the image cache, the loader and augmentation."""
 
-import hashlib
-import io
 import json
 import os
-import socket
-import threading
-import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -19,18 +12,6 @@ from PIL import Image
 
 import data
 from data import EOT, PAD, UNK, CaptionSet, Tokenizer
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Only 127.0.0.1 may be reached: nothing here downloads anything."""
-    connect = socket.socket.connect
-
-    def local_only(sock, address):
-        if isinstance(address, tuple) and address[0] not in ("127.0.0.1", "localhost", "::1"):
-            raise OSError(f"test tried to reach {address}")
-        return connect(sock, address)
-    monkeypatch.setattr(socket.socket, "connect", local_only)
 
 
 # -----------------------------------------------------------------------------
@@ -196,100 +177,6 @@ def test_karpathy_split(tmp_path):
     with pytest.raises(ValueError, match=r"dataset_coco.json: images\[1\] needs"):
         data.load_split("karpathy", tmp_path, "test", 16)
 
-
-# -----------------------------------------------------------------------------
-# the shapes dataset
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    return data.prepare_shapes(tmp_path_factory.mktemp("shapes"), n_train=400, n_val=40, n_test_per_pair=2)
-
-
-def tree(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_shapes_deterministic_and_idempotent(tmp_path):
-    a = data.prepare_shapes(tmp_path / "a", n_train=30, n_val=6, n_test_per_pair=1, seed=3)
-    b = data.prepare_shapes(tmp_path / "b", n_train=30, n_val=6, n_test_per_pair=1, seed=3)
-    files = tree(a)
-    assert len(files) == 30 + 6 + 64 + 4 and files == tree(b)
-    c = data.prepare_shapes(tmp_path / "c", n_train=30, n_val=6, n_test_per_pair=1, seed=4)
-    assert tree(c)["train2017/000000000000.png"] != files["train2017/000000000000.png"]
-    stamp = (a / "train2017" / "000000000000.png").stat().st_mtime_ns
-    data.prepare_shapes(a, n_train=30, n_val=6, n_test_per_pair=1, seed=3)
-    assert (a / "train2017" / "000000000000.png").stat().st_mtime_ns == stamp
-
-
-def test_shapes_heldout_pairs_absent_and_scenes_balanced(shapes_root):
-    heldout = set(data.HELDOUT_PAIRS)
-    assert len(heldout) == 8
-    assert {c for c, _ in heldout} == set(data.COLOURS) and {s for _, s in heldout} == set(data.SHAPES)
-    colours, shapes, one_colour, multi = [], [], 0, 0
-    for split, n in [("train2017", 400), ("val2017", 40)]:
-        ann = json.loads((shapes_root / "annotations" / f"captions_{split}.json").read_text())
-        assert len(ann["images"]) == n and len(ann["annotations"]) == 5 * n
-        captions = {}
-        for a in ann["annotations"]:
-            captions.setdefault(a["image_id"], []).append(a["caption"])
-        for im in ann["images"]:
-            objects = im["objects"]
-            assert not {(o["colour"], o["shape"]) for o in objects} & heldout
-            assert 1 <= len(objects) <= 3 and len({o["shape"] for o in objects}) == len(objects)
-            for caption in captions[im["id"]]:
-                assert all(o["shape"] in caption for o in objects)
-                for c, s in heldout:
-                    assert f"{c} {s}" not in caption and f"the {s} is {c}" not in caption
-            colours += [o["colour"] for o in objects]
-            shapes += [o["shape"] for o in objects]
-            if len(objects) > 1:
-                multi += 1
-                one_colour += len({o["colour"] for o in objects}) == 1
-    assert 0.35 < one_colour / multi < 0.65                 # shape is needed to tell these apart
-    for values, names in [(colours, data.COLOURS), (shapes, data.SHAPES)]:
-        counts = np.array([values.count(n) for n in names])
-        assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
-
-
-def test_shapes_captions_describe_the_scene():
-    objects = [{"colour": "red", "shape": "star", "size": "large", "row": 0, "col": 0, "x": 12, "y": 12},
-               {"colour": "blue", "shape": "circle", "size": "small", "row": 0, "col": 2, "x": 52, "y": 12},
-               {"colour": "blue", "shape": "heart", "size": "small", "row": 2, "col": 2, "x": 52, "y": 52}]
-    assert data._captions(objects) == [
-        "a red star, a blue circle and a blue heart",
-        "three shapes: a large star, a small circle and a small heart",
-        "a star left of a circle, which is above a heart",
-        "a red star in the top left, a blue circle in the top right and a blue heart in the bottom right",
-        "the star is red, the circle is blue and the heart is blue"]
-    same = [dict(o, colour="orange") for o in objects[1:]]
-    assert data._captions(same)[1] == "two shapes: a small circle and a small heart"
-    assert data._captions(same)[4] == "the circle and the heart are both orange"
-
-
-def test_shapes_zeroshot_labels_match_pixels(shapes_root):
-    zs = data.load_shapes_zeroshot(shapes_root, 64)
-    images, labels = zs["images"], zs["labels"]
-    assert images.shape == (128, 3, 64, 64) and images.dtype == torch.uint8
-    assert torch.equal(torch.bincount(labels["pair"], minlength=64), torch.full((64,), 2))
-    assert torch.equal(labels["pair"], labels["colour"] * 8 + labels["shape"])
-    assert zs["classes"]["pair"][8 * 5 + 0] == "blue circle"
-    assert zs["heldout"].sum() == 16
-    assert all((zs["classes"]["colour"][c], zs["classes"]["shape"][s]) in data.HELDOUT_PAIRS
-               for c, s in zip(labels["colour"][zs["heldout"]], labels["shape"][zs["heldout"]]))
-    entries = json.loads((shapes_root / "annotations" / "captions_zeroshot.json").read_text())["images"]
-    for image, entry in zip(images, entries):
-        o = entry["objects"][0]
-        if o["shape"] != "ring":                                  # a ring's centre is background
-            centre = image[:, round(o["y"]), round(o["x"])].int()
-            assert (centre - torch.tensor(data.RGB[o["colour"]])).abs().max() <= 16
-
-
-def test_shapes_through_the_coco_path(shapes_root):
-    cs = data.load_split("shapes", shapes_root, "val", 64)
-    assert cs.images.shape == (40, 64, 64, 3) and all(len(c) == 5 for c in cs.captions)
-    np.testing.assert_array_equal(cs.images[3], np.asarray(Image.open(cs.image_files[3])))
-
-
 # -----------------------------------------------------------------------------
 # loader and augmentation
 
@@ -298,7 +185,7 @@ def toy_set():
     """Image i is filled with the value i and has 1-3 captions naming it."""
     images = np.arange(10, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2).repeat(3, 3)
     captions = [[f"image {i} caption {j}" for j in range(1 + i % 3)] for i in range(10)]
-    return CaptionSet(images, captions, [f"{i}.png" for i in range(10)])
+    return CaptionSet(images, captions, [f"{i}.png" for i in range(10)], [{"id": i} for i in range(10)])
 
 
 def test_loader_batches_are_images_with_their_captions(toy_set):
@@ -351,97 +238,3 @@ def test_preprocess_and_augment():
     red, blue = x[0, :, 0, 0], x[0, :, 0, 15]
     assert torch.allclose(y[:, :, :, 0], red[None, :, None].expand(6, 3, 16), atol=1e-5)    # never flipped
     assert torch.allclose(y[:, :, :, -1], blue[None, :, None].expand(6, 3, 16), atol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# download
-
-class Server:
-    """Serves `files` on 127.0.0.1 with Range support; paths in `cut` are sent only half-way the
-    first time (`always_cut`: every time), then the connection drops."""
-
-    def __init__(self, files, cut=(), always_cut=False):
-        self.files, self.cut, self.always_cut, self.requests = files, set(cut), always_cut, []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_HEAD(self):
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(server.files[self.path])))
-                self.end_headers()
-
-            def do_GET(self):
-                body, byte_range = server.files[self.path], self.headers.get("Range")
-                server.requests.append((self.path, byte_range))
-                start = int(byte_range.removeprefix("bytes=").removesuffix("-")) if byte_range else 0
-                self.send_response(206 if byte_range else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                if self.path in server.cut:
-                    if not server.always_cut:
-                        server.cut.discard(self.path)
-                    self.wfile.write(body[start:start + (len(body) - start) // 2])
-                    self.close_connection = True
-                    return
-                self.wfile.write(body[start:])
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def tiny_zip():
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("val2017/000000000001.jpg", np.random.default_rng(0).bytes(50_000))
-        z.writestr("annotations/captions_val2017.json", '{"images": [], "annotations": []}')
-    return buf.getvalue()
-
-
-def test_download_resumes_after_interruption(tmp_path):
-    body = tiny_zip()
-    server = Server({"/zips/val2017.zip": body}, cut=["/zips/val2017.zip"])
-    files = {"val2017.zip": ("zips/val2017.zip", "md5:" + hashlib.md5(body).hexdigest())}
-    try:
-        data.download_coco(tmp_path, files=files, base_url=server.url)
-        assert server.requests == [("/zips/val2017.zip", None), ("/zips/val2017.zip", f"bytes={len(body) // 2}-")]
-        assert (tmp_path / "val2017.zip").read_bytes() == body and not (tmp_path / "val2017.zip.part").exists()
-        assert (tmp_path / "val2017" / "000000000001.jpg").read_bytes() == np.random.default_rng(0).bytes(50_000)
-        assert (tmp_path / "annotations" / "captions_val2017.json").exists()
-        data.download_coco(tmp_path, files=files, base_url=server.url)
-        assert len(server.requests) == 2                                   # a good file is never fetched again
-    finally:
-        server.close()
-
-
-def test_download_gives_up_keeping_the_partial_file(tmp_path):
-    body = tiny_zip()
-    server = Server({"/a.zip": body}, cut=["/a.zip"], always_cut=True)
-    try:
-        with pytest.raises(RuntimeError, match="incomplete.*run again to resume"):
-            data.download_coco(tmp_path, files={"a.zip": ("a.zip", None)}, base_url=server.url, retries=3)
-        assert len(server.requests) == 3
-        part = (tmp_path / "a.zip.part").read_bytes()
-        assert len(body) // 2 < len(part) < len(body) and body.startswith(part)
-    finally:
-        server.close()
-
-
-def test_download_checksum_mismatch_keeps_file(tmp_path):
-    body = tiny_zip()
-    server = Server({"/zips/val2017.zip": body})
-    try:
-        with pytest.raises(RuntimeError, match="sha256 is .*expected 0000.*val2017.zip.bad"):
-            data.download_coco(tmp_path, files={"val2017.zip": ("zips/val2017.zip", "sha256:" + "0" * 64)},
-                               base_url=server.url)
-        assert (tmp_path / "val2017.zip.bad").read_bytes() == body
-        assert not (tmp_path / "val2017.zip").exists() and not (tmp_path / "val2017").exists()
-    finally:
-        server.close()
