@@ -130,9 +130,9 @@ def test_cache_reuse_rebuild_and_half_written(tmp_path):
 
 
 def test_coco_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python data.py coco --download"):
+    with pytest.raises(FileNotFoundError, match="python prepare_coco.py"):
         data.load_split("coco", tmp_path / "nowhere", "train", 16)
-    with pytest.raises(FileNotFoundError, match="python data.py shapes"):
+    with pytest.raises(FileNotFoundError, match="python shapes.py"):
         data.load_split("shapes", tmp_path / "nowhere", "train", 16)
     write_coco(tmp_path, n_missing=2)
     with pytest.raises(FileNotFoundError, match=r"2 of 7 images are missing(.|\n)*gone0.png(.|\n)*gone1.png"):

@@ -6,12 +6,14 @@ import json
 import re
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import data
 import eval as evaluation
+import shapes
 from model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CLIP, ModelConfig, contrastive_loss
 
 # -----------------------------------------------------------------------------
@@ -131,13 +133,34 @@ def test_classifier_is_the_normalised_template_mean(trained):
         torch.testing.assert_close(row, torch.nn.functional.normalize(emb.mean(0), dim=0))
 
 
-def test_shapes_prompts_are_phrased_like_the_captions():
-    for colour in data.COLOURS:
-        for shape in data.SHAPES:
-            captions = {c for size in ("small", "large") for row in range(3) for col in range(3)
-                        for c in data._captions([{"colour": colour, "shape": shape, "size": size,
-                                                  "row": row, "col": col}])}
-            assert set(evaluation.shapes_prompts(colour, shape)) <= captions
+def test_heldout_accuracy_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    image_emb = torch.randn(30, 6, generator=g)
+    pair = torch.randn(8, 8, 6, generator=g)
+    pair[2, 5] = pair[2, 1]                                              # a tie: counts against the model
+    colour, shape = torch.randint(0, 8, (30,), generator=g), torch.randint(0, 8, (30,), generator=g)
+    colour[:3], shape[:3] = 2, 1
+    wins = total = 0
+    for n in range(30):
+        c, s = colour[n].item(), shape[n].item()
+        own = float(image_emb[n] @ pair[c, s])
+        for other in range(8):
+            if other != s:
+                wins += own > float(image_emb[n] @ pair[c, other])
+                total += 1
+    assert evaluation.heldout_accuracy(image_emb, pair, colour, shape) == pytest.approx(100 * wins / total)
+    # a model that only sees colour: every shape of the right colour scores the same
+    flat = pair[:, :1].expand(8, 8, 6)
+    assert evaluation.heldout_accuracy(image_emb, flat, colour, shape) == 0.0
+
+
+def test_binding_accuracy_against_brute_force():
+    g = torch.Generator().manual_seed(1)
+    image, true, false = (torch.randn(40, 5, generator=g) for _ in range(3))
+    false[:4] = true[:4]                                                  # ties count against the model
+    want = sum(float(image[n] @ true[n]) > float(image[n] @ false[n]) for n in range(40)) / 40
+    assert evaluation.binding_accuracy(image, true, false) == pytest.approx(100 * want)
+    assert evaluation.binding_accuracy(image, true, true) == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -148,7 +171,7 @@ def test_shapes_prompts_are_phrased_like_the_captions():
 def trained(tmp_path_factory):
     """An FDT model trained 250 steps on a small shapes set (colour is learned first), saved the way
     train.py saves it, and an untrained projection-head checkpoint."""
-    root = data.prepare_shapes(tmp_path_factory.mktemp("shapes"), n_train=640, n_val=50, n_test_per_pair=3)
+    root = shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=640, n_val=50, n_test_per_pair=3)
     train_set = data.load_split("shapes", root, "train", 32)
     tokenizer = data.Tokenizer.build([c for caps in train_set.captions for c in caps], 32)
     config = tiny_config(tokenizer.vocab_size)
@@ -185,12 +208,13 @@ def trained(tmp_path_factory):
 def test_zeroshot_beats_chance_on_shapes(trained):
     m = evaluation.evaluate_shapes_zeroshot(trained["model"], trained["tokenizer"], trained["root"], 32, "cpu")
     assert set(m) == {"zs_shape", "zs_colour", "zs_pair", "zs_heldout"}
+    assert 0 <= m["zs_heldout"] <= 100
     assert max(m["zs_colour"], m["zs_shape"]) > 2 * 12.5          # chance: 1 in 8
 
 
 def test_evaluate_and_retrieval_cli(trained, capsys):
     m = evaluation.evaluate(trained["model"], trained["tokenizer"], "shapes", trained["root"], "cpu")
-    assert {"i2t_r1", "t2i_r10", "rsum", "active_image", "active_text", "zs_heldout"} <= set(m)
+    assert {"i2t_r1", "t2i_r10", "rsum", "active_image", "active_text", "zs_heldout", "bind_swap_colour"} <= set(m)
     assert all(isinstance(v, float) for v in m.values())
     assert m["rsum"] > 150                                         # chance is ~63 for 50 images
     assert 1 <= m["active_image"] < 128 and 1 <= m["active_text"] < 128
@@ -204,8 +228,32 @@ def test_evaluate_and_retrieval_cli(trained, capsys):
 def test_zeroshot_cli_shapes_top1_and_top5(trained):
     evaluation.main(["zeroshot", "--ckpt", str(trained["ckpt"]), "--dataset", "shapes", "--device", "cpu"])
     saved = json.loads((trained["ckpt"].parent / "zeroshot_shapes.json").read_text())
-    for task in ("shape", "colour", "pair", "heldout"):
+    for task in ("shape", "colour", "pair"):
         assert 0 <= saved[f"zs_{task}"] <= saved[f"zs_{task}_top5"] <= 100
+    assert 0 <= saved["zs_heldout"] <= 100
+
+
+def test_binding_tests_and_cli(trained, capsys):
+    val = data.load_split("shapes", trained["root"], "val", 32)
+    tests = evaluation.binding_tests(val)
+    assert set(tests) == set(shapes.NEGATIVE_KINDS)
+    for kind, (idx, true, false) in tests.items():
+        for i, t, f in zip(idx.tolist(), true, false):                 # the same edit as shapes.negatives draws
+            assert (t, f) == shapes.negatives(val.entries[i]["objects"], np.random.default_rng([0, i]))[kind]
+    n_single = sum(len(e["objects"]) == 1 for e in val.entries)
+    assert len(tests["replace_shape"][0]) == len(val.entries) and len(tests["swap_relation"][0]) == len(val.entries) - n_single
+    model, tokenizer = trained["model"], trained["tokenizer"]
+    m = evaluation.evaluate_binding(model, tokenizer, val, "cpu")
+    image_emb = evaluation.embed_images(model, val.images, "cpu")
+    idx, true, false = tests["swap_colour"]
+    want = evaluation.binding_accuracy(image_emb[idx], evaluation.embed_texts(model, tokenizer, true, "cpu"),
+                                       evaluation.embed_texts(model, tokenizer, false, "cpu"))
+    assert m["bind_swap_colour"] == pytest.approx(want)
+    assert m["bind_replace_colour"] > 60                             # colour is learned first
+    evaluation.main(["binding", "--ckpt", str(trained["ckpt"]), "--device", "cpu"])
+    assert "swap_colour" in capsys.readouterr().out
+    saved = json.loads((trained["ckpt"].parent / "binding.json").read_text())
+    assert saved["bind_swap_colour"] == pytest.approx(want)
 
 
 # -----------------------------------------------------------------------------
@@ -216,13 +264,13 @@ def test_zeroshot_cli_shapes_top1_and_top5(trained):
 def image_folder(trained, tmp_path_factory):
     """Single-object shapes images as PNGs in one folder per colour; returns the folder and, in
     ImageFolder order (sorted classes, sorted files), the images and labels."""
-    zs = data.load_shapes_zeroshot(trained["root"], 32)
+    zs = shapes.load_zeroshot(trained["root"], 32)
     folder = tmp_path_factory.mktemp("imagefolder")
     classes = sorted(["red", "green", "blue", "yellow"])
     images, labels = [], []
     for label, colour in enumerate(classes):
         (folder / colour).mkdir()
-        picks = (zs["labels"]["colour"] == data.COLOURS.index(colour)).nonzero().flatten()[::8][:3]
+        picks = (zs["labels"]["colour"] == shapes.COLOURS.index(colour)).nonzero().flatten()[::8][:3]
         for k, i in enumerate(picks.tolist()):
             Image.fromarray(zs["images"][i].permute(1, 2, 0).numpy()).save(folder / colour / f"{k}.png")
             images.append(zs["images"][i])
@@ -297,7 +345,7 @@ def test_inspect_shapes_defaults(trained, tmp_path, capsys):
 
 
 def test_inspect_image_and_text(trained, tmp_path):
-    zs = data.load_shapes_zeroshot(trained["root"], 64)                 # larger than the model: resized
+    zs = shapes.load_zeroshot(trained["root"], 64)                 # larger than the model: resized
     image = tmp_path / "picture.png"
     Image.fromarray(zs["images"][0].permute(1, 2, 0).numpy()).save(image)
     evaluation.main(["inspect", "--ckpt", str(trained["ckpt"]), "--image", str(image), "--text", "a red circle",

@@ -38,7 +38,26 @@ def test_shapes_for_every_preset_and_head(name, head):
         assert ((wi > 0).sum(-1) < config.n_fdt).all()      # sparse
     else:
         assert wi is None and wt is None
-    torch.testing.assert_close(model.logit_scale.exp(), torch.tensor(1 / 0.07))
+    torch.testing.assert_close(model.logit_scale.exp(), torch.tensor(config.logit_scale_init))
+
+
+def test_conv_stem_only_for_tiny_and_same_grid():
+    assert PRESETS["tiny"].stem == "conv"
+    assert PRESETS["small"].stem == PRESETS["base"].stem == "patch"        # the paper's patchify ViTs
+    assert PRESETS["base"].logit_scale_init == pytest.approx(1 / 0.07)     # CLIP's
+    for stem in ("patch", "conv"):
+        config = replace(PRESETS["tiny"], stem=stem)
+        embed = CLIP(config).visual.patch_embed
+        out = embed(torch.randn(2, 3, 64, 64))
+        assert out.shape == (2, config.vision_width, 8, 8)                  # one feature per 8 x 8 patch
+    # a conv stem pixel only reaches the patches its receptive field covers: not a global mixer
+    embed = CLIP(replace(PRESETS["tiny"], stem="conv")).visual.patch_embed
+    x = torch.zeros(1, 3, 64, 64, requires_grad=True)
+    embed(x)[0, :, 0, 0].sum().backward()
+    touched = x.grad.abs().sum(dim=(0, 1)) > 0
+    assert touched[:15, :15].any() and not touched[16:].any() and not touched[:, 16:].any()
+    with pytest.raises(ValueError, match="power-of-two"):
+        CLIP(replace(PRESETS["tiny"], stem="conv", image_size=60, patch_size=6))
 
 
 def test_text_features_ignore_padding():
@@ -55,7 +74,7 @@ def test_text_features_ignore_padding():
 
 @pytest.mark.parametrize("head", ["fdt", "proj"])
 def test_loss_at_init_near_log_batch(head):
-    config = replace(PRESETS["tiny"], head=head, vocab_size=100)
+    config = replace(PRESETS["tiny"], head=head, vocab_size=100, logit_scale_init=1 / 0.07)
     torch.manual_seed(0)
     model = CLIP(config)
     images, tokens = batch(config, 64)

@@ -151,11 +151,12 @@ def test_negatives_are_minimal_edits():
                                          "a blue star, a blue circle and a red heart")
         assert neg["swap_shape"][1] in ("a red circle, a blue star and a blue heart",
                                         "a red heart, a blue circle and a blue star")
-        words = neg["replace_shape"][1].replace(",", "").split()
-        assert sum(w not in true.split() for w in words) == 1 and len(words) == len(true.replace(",", "").split())
-        assert [w for w in words if w not in true.split()][0] in set(shapes.SHAPES) - {"star", "circle", "heart"}
-        words = neg["replace_colour"][1].replace(",", "").split()
-        assert [w for w in words if w not in true.split()][0] in set(shapes.COLOURS) - {"red", "blue"}
+        plain = true.replace(",", "").split()
+        for kind, absent in (("replace_shape", set(shapes.SHAPES) - {"star", "circle", "heart"}),
+                             ("replace_colour", set(shapes.COLOURS) - {"red", "blue"})):
+            words = neg[kind][1].replace(",", "").split()
+            new = [w for w in words if w not in plain and w not in ("a", "an")]  # "an orange": the article follows
+            assert len(words) == len(plain) and len(new) == 1 and new[0] in absent
         assert neg["swap_relation"] == ("a red star above a blue circle", "a blue circle above a red star")
     one = shapes.negatives(objects[:1], np.random.default_rng(0))
     assert set(one) == {"replace_shape", "replace_colour"}               # nothing to swap

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import shapes
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,12 +19,12 @@ STEPS_PER_EPOCH = 6  # 192 train images / batch 32
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return data.prepare_shapes(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30, n_test_per_pair=1)
+def shapes_root(tmp_path_factory):
+    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30, n_test_per_pair=1)
 
 
-def flags(shapes, out, *extra):
-    return ["--data-dir", str(shapes), "--out", str(out), "--batch-size", "32", "--warmup", "2",
+def flags(root, out, *extra):
+    return ["--data-dir", str(root), "--out", str(out), "--batch-size", "32", "--warmup", "2",
             "--device", "cpu", *extra]
 
 
@@ -32,9 +33,9 @@ def weights(out):
 
 
 @pytest.mark.parametrize("model", ["fdt", "clip"])
-def test_end_to_end(shapes, tmp_path, model):
-    metrics = train.main(flags(shapes, tmp_path, "--model", model, "--steps", "4"))
-    for key in ("i2t_r1", "t2i_r10", "rsum", "zs_shape", "zs_colour", "zs_pair", "zs_heldout"):
+def test_end_to_end(shapes_root, tmp_path, model):
+    metrics = train.main(flags(shapes_root, tmp_path, "--model", model, "--steps", "4"))
+    for key in ("i2t_r1", "t2i_r10", "rsum", "zs_shape", "zs_colour", "zs_pair", "zs_heldout", "bind_swap_colour"):
         assert 0 <= metrics[key] <= (600 if key == "rsum" else 100)
     assert ("active_image" in metrics) == (model == "fdt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)   # no pickled objects inside
@@ -48,9 +49,9 @@ def test_end_to_end(shapes, tmp_path, model):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["head"] == ckpt["model_config"]["head"]
 
 
-def test_resume_after_ctrl_c_is_exact(shapes, tmp_path, monkeypatch):
+def test_resume_after_ctrl_c_is_exact(shapes_root, tmp_path, monkeypatch):
     n = STEPS_PER_EPOCH + 2                      # crosses an epoch boundary (evaluation, checkpoint)
-    train.main(flags(shapes, tmp_path / "straight", "--steps", str(n)))
+    train.main(flags(shapes_root, tmp_path / "straight", "--steps", str(n)))
 
     real_lr_at = train.lr_at
     def ctrl_c_at_step_3(step, *args):
@@ -59,11 +60,11 @@ def test_resume_after_ctrl_c_is_exact(shapes, tmp_path, monkeypatch):
         return real_lr_at(step, *args)
     monkeypatch.setattr(train, "lr_at", ctrl_c_at_step_3)
     with pytest.raises(SystemExit) as stop:
-        train.main(flags(shapes, tmp_path / "split", "--steps", str(n)))
+        train.main(flags(shapes_root, tmp_path / "split", "--steps", str(n)))
     assert stop.value.code == 130
     assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 4  # step 3 finished
     monkeypatch.setattr(train, "lr_at", real_lr_at)
-    train.main(flags(shapes, tmp_path / "split", "--steps", str(n), "--resume"))
+    train.main(flags(shapes_root, tmp_path / "split", "--steps", str(n), "--resume"))
 
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert a.keys() == b.keys()
@@ -71,13 +72,13 @@ def test_resume_after_ctrl_c_is_exact(shapes, tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_ddp_two_processes_equal_one(shapes, tmp_path):
+def test_ddp_two_processes_equal_one(shapes_root, tmp_path):
     """torchrun with 2 CPU processes (gloo) on the global batch of 32 = 1 process on the same batch."""
-    base = flags(shapes, tmp_path / "one", "--steps", "3")
+    base = flags(shapes_root, tmp_path / "one", "--steps", "3")
     train.main(base)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *flags(shapes, tmp_path / "two", "--steps", "3")]
+           str(REPO / "train.py"), *flags(shapes_root, tmp_path / "two", "--steps", "3")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = {}
@@ -95,7 +96,7 @@ def test_ddp_two_processes_equal_one(shapes, tmp_path):
     assert (diff < 1e-5).float().mean() > 0.999
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes_root, tmp_path, monkeypatch):
     real_loss = train.contrastive_loss
     calls = []
     def loss_goes_nan_at_step_7(*args):
@@ -104,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, 
         return loss * float("nan") if len(calls) == 8 else loss
     monkeypatch.setattr(train, "contrastive_loss", loss_goes_nan_at_step_7)
     with pytest.raises(SystemExit, match="non-finite loss .* at step 7"):
-        train.main(flags(shapes, tmp_path, "--steps", "8"))
+        train.main(flags(shapes_root, tmp_path, "--steps", "8"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
 
 
@@ -117,23 +118,23 @@ def test_bad_flags_are_argparse_errors(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_mismatched_resume_names_the_difference(shapes, tmp_path):
-    train.main(flags(shapes, tmp_path, "--steps", "1"))
+def test_mismatched_resume_names_the_difference(shapes_root, tmp_path):
+    train.main(flags(shapes_root, tmp_path, "--steps", "1"))
     with pytest.raises(SystemExit, match="n_fdt: checkpoint 1024 vs now 256"):
-        train.main(flags(shapes, tmp_path, "--steps", "2", "--n-fdt", "256", "--resume"))
+        train.main(flags(shapes_root, tmp_path, "--steps", "2", "--n-fdt", "256", "--resume"))
     with pytest.raises(SystemExit, match="head: checkpoint 'fdt' vs now 'proj'"):
-        train.main(flags(shapes, tmp_path, "--steps", "2", "--model", "clip", "--resume"))
+        train.main(flags(shapes_root, tmp_path, "--steps", "2", "--model", "clip", "--resume"))
     with pytest.raises(SystemExit, match="seed: checkpoint 0 vs now 1"):    # another data order: not exact
-        train.main(flags(shapes, tmp_path, "--steps", "2", "--seed", "1", "--resume"))
+        train.main(flags(shapes_root, tmp_path, "--steps", "2", "--seed", "1", "--resume"))
 
 
-def test_fewer_images_than_a_batch_is_a_clear_error(shapes, tmp_path):
+def test_fewer_images_than_a_batch_is_a_clear_error(shapes_root, tmp_path):
     with pytest.raises(SystemExit, match="fewer than one batch"):
-        train.main(flags(shapes, tmp_path, "--batch-size", "1024"))
+        train.main(flags(shapes_root, tmp_path, "--batch-size", "1024"))
 
 
 def test_missing_coco_says_how_to_get_it(tmp_path):
-    with pytest.raises(SystemExit, match="data.py coco --download"):
+    with pytest.raises(SystemExit, match="prepare_coco.py"):
         train.main(["--data", "coco", "--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
 
 
