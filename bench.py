@@ -8,10 +8,10 @@ ratio a / b is the median over the rounds of a's time over b's in the same round
     python bench.py --flops      # parameters and training FLOPs per pair of every preset
 
 Rows:
-    sparsemax    ours (partial top-k, exact) vs a plain full-sort sparsemax, and vs the `entmax`
+    sparsemax    fdt_fast.sparsemax (partial top-k, exact) vs fdt.sparsemax (full sort), and vs the `entmax`
                  package's sparsemax (full sort, and partial sort with k=64) when it is installed
     train step   CLIP+FDT vs the CLIP baseline at the tiny preset: time and peak memory; then the
-                 FDT layer's max-pooled relevance vs plain autograd through (B, T, n_fdt)
+                 fast FDT layer (fdt_fast.FDT) vs the plain one (fdt.FDT: autograd through (B, T, n_fdt))
     open_clip    our CLIP baseline vs open_clip's CLIP built at the same size, when installed
     data         samples/s from the prepared cache vs decoding every item (bench_loading, which
                  measures the two one after the other)
@@ -48,7 +48,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import data  # noqa: E402
 import shapes  # noqa: E402
-from fdt import sparsemax  # noqa: E402
+import fdt  # noqa: E402
+import fdt_fast  # noqa: E402
 from model import CLIP, PRESETS, contrastive_loss  # noqa: E402
 
 # dense bf16 tensor-core peak in TFLOP/s (vendors' data sheets), by GPU name, for the MFU;
@@ -145,16 +146,6 @@ def skipped(name, note):
 # -----------------------------------------------------------------------------
 # 1. sparsemax
 
-def sparsemax_full_sort(z):
-    """The textbook sparsemax along the last dim: sort every row, autograd for the backward."""
-    z_sorted, _ = torch.sort(z, dim=-1, descending=True)
-    cumsum = z_sorted.cumsum(dim=-1)
-    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-    support_size = (1 + k * z_sorted > cumsum).sum(dim=-1, keepdim=True)
-    tau = (cumsum.gather(-1, support_size - 1) - 1) / support_size.to(z.dtype)
-    return torch.clamp(z - tau, min=0)
-
-
 def bench_sparsemax(device, reps, shape=(256, 16384)):
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(shape, generator=g, device=device)
@@ -164,7 +155,7 @@ def bench_sparsemax(device, reps, shape=(256, 16384)):
         z = x.clone().requires_grad_()
         fn(z).backward(grad)
 
-    fns = {"ours": sparsemax, "full sort": sparsemax_full_sort}
+    fns = {"ours": fdt_fast.sparsemax, "full sort": fdt.sparsemax}
     try:
         import entmax
         fns["entmax"] = functools.partial(entmax.sparsemax, dim=-1)
@@ -231,14 +222,6 @@ def build(config, device, seed=0):
     return CLIP(config).to(device)
 
 
-def plain_pooled_relevance(fdt, queries, mask=None):
-    """Autograd through the whole relevance tensor: what FDT.pooled_relevance avoids."""
-    r = fdt.relevance(queries)                                       # (B, T, n_fdt), saved for backward
-    if mask is not None:
-        r = r.masked_fill(~mask[:, :, None], float("-inf"))
-    return r.amax(dim=1)                                             # (B, n_fdt)
-
-
 def compare_steps(steps, device, reps):
     """Times (in turns) and peak memory (one more step each) of named train steps."""
     t = run_in_turns(steps, device, reps, warmup=2 if device.type == "cuda" else 1)
@@ -249,10 +232,13 @@ def compare_steps(steps, device, reps):
 def bench_train_step(device, reps, batch_size):
     config = PRESETS["tiny"]
     images, tokens = random_batch(config, batch_size, device)
-    fdt, clip, plain = (build(replace(config, head=head), device) for head in ("fdt", "proj", "fdt"))
-    plain.fdt.pooled_relevance = functools.partial(plain_pooled_relevance, plain.fdt)
+    fast, clip, plain = (build(replace(config, head=head), device) for head in ("fdt", "proj", "fdt"))
+    # the same model with the plain FDT layer of fdt.py: autograd through the relevances, full sort
+    c = plain.config
+    plain.fdt = fdt.FDT(c.n_fdt, c.embed_dim, c.fdt_temperature, c.fdt_activation).to(device)
+    plain.fdt.load_state_dict(fast.fdt.state_dict())
     steps = {name: TrainStep(model, encode_ours, images, tokens, amp=False)
-             for name, model in (("fdt", fdt), ("clip", clip), ("plain", plain))}
+             for name, model in (("fdt", fast), ("clip", clip), ("plain", plain))}
     t, mem = compare_steps(steps, device, reps)
     name = f"train step, tiny, batch {batch_size}"
     return [
@@ -260,9 +246,9 @@ def bench_train_step(device, reps, batch_size):
             "<= 1.25"),
         row(name, "CLIP+FDT", "CLIP", mem["fdt"] / 2**20, mem["clip"] / 2**20, "MiB",
             mem["fdt"] / mem["clip"], "<= 1.30"),
-        row(name, "FDT max-pooled", "FDT plain autograd", median_ms(t, "fdt"), median_ms(t, "plain"), "ms",
+        row(name, "fdt_fast.FDT", "fdt.FDT", median_ms(t, "fdt"), median_ms(t, "plain"), "ms",
             paired_ratio(t, "fdt", "plain")),
-        row(name, "FDT max-pooled", "FDT plain autograd", mem["fdt"] / 2**20, mem["plain"] / 2**20, "MiB",
+        row(name, "fdt_fast.FDT", "fdt.FDT", mem["fdt"] / 2**20, mem["plain"] / 2**20, "MiB",
             mem["fdt"] / mem["plain"]),
     ]
 

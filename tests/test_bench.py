@@ -22,7 +22,7 @@ def test_quick_run_prints_every_row(tmp_path):
     assert lines[0].startswith("machine: ") and "torch " in lines[0] and "1 threads" in lines[0]
     table = "\n".join(lines[1:])
     for label in ("sparsemax fwd+bwd (32, 16384) fp32", "ours", "full sort", "train step, tiny, batch 16",
-                  "CLIP+FDT", "FDT max-pooled", "FDT plain autograd", "train step, tiny CLIP, batch 16",
+                  "CLIP+FDT", "fdt_fast.FDT", "fdt.FDT", "train step, tiny CLIP, batch 16",
                   "data loading, shapes val"):
         assert label in table, label
     assert "entmax k=64" in table or "entmax not installed: skipped" in table

@@ -4,7 +4,9 @@ the FDT layer's masking, and its max-pooled relevance against plain autograd."""
 import pytest
 import torch
 
-from fdt import FDT, MaxPooledRelevance, QueryMap, sparsemax, sparsemax_sort
+import fdt_fast
+from fdt import FDT, QueryMap, sparsemax
+from fdt_fast import MaxPooledRelevance
 
 
 def sparsemax_bisection(x, dim=-1, iters=200):
@@ -208,9 +210,9 @@ def test_fast_sparsemax_matches_sort_reference(case):
     x, dim = FAST_PATH_INPUTS[case]
     x = x.clone().requires_grad_()
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(case))
-    p = sparsemax(x, dim)
+    p = fdt_fast.sparsemax(x, dim)
     (g,) = torch.autograd.grad(p, x, grad)
-    ref = sparsemax_sort(x, dim)
+    ref = sparsemax(x, dim)
     (g_ref,) = torch.autograd.grad(ref, x, grad)
     torch.testing.assert_close(p, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=0)
@@ -220,25 +222,26 @@ def test_fast_sparsemax_matches_sort_reference(case):
 def test_fast_sparsemax_support_sizes_around_k():
     sizes = [1, 2, 63, 64, 65, 255, 256, 257, 1000]
     x = rows_with_support(16384, sizes, torch.Generator().manual_seed(1))
-    assert (sparsemax(x) > 0).sum(-1).tolist() == sizes
+    assert (fdt_fast.sparsemax(x) > 0).sum(-1).tolist() == sizes
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_fast_sparsemax_dtypes(dtype):
     x = (torch.randn(8, 4096, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
-    p = sparsemax(x)
+    p = fdt_fast.sparsemax(x)
     assert p.dtype == dtype
-    torch.testing.assert_close(p, sparsemax_sort(x), atol=0, rtol=0)
+    torch.testing.assert_close(p, sparsemax(x), atol=0, rtol=0)
 
 
 # -----------------------------------------------------------------------------
 # the max-pooled relevance against plain autograd through the (B, T, n_tokens) relevances
 
-def plain_pooled_relevance(fdt, queries, mask=None):
-    r = fdt.relevance(queries)                                   # (B, T, n_tokens)
-    if mask is not None:
-        r = r.masked_fill(~mask[:, :, None], float("-inf"))
-    return r.amax(dim=1)
+def fast_and_plain(*args, **kwargs):
+    """fdt_fast.FDT and fdt.FDT with the same FDT tokens."""
+    fast = fdt_fast.FDT(*args, **kwargs)
+    plain = FDT(*args, **kwargs)
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
 
 
 def random_mask(B, T, generator):
@@ -252,18 +255,18 @@ def random_mask(B, T, generator):
 def test_max_pooled_relevance_matches_plain_autograd(B, dtype):
     g = torch.Generator().manual_seed(B)
     torch.manual_seed(B)
-    fdt = FDT(96, 16, temperature=2.0).to(dtype)
+    fdt, plain = (m.to(dtype) for m in fast_and_plain(96, 16, temperature=2.0))
     T = 11
     for mask in (None, random_mask(B, T, g)):
         q = torch.randn(B, T, 16, generator=g, dtype=dtype).requires_grad_()
         s = fdt.pooled_relevance(q, mask)
-        ref = plain_pooled_relevance(fdt, q, mask)
+        ref = plain.pooled_relevance(q, mask)
         torch.testing.assert_close(s, ref, atol=1e-6, rtol=1e-6)
         dense = torch.randn(B, 96, generator=g, dtype=dtype)
         sparse = dense * (torch.rand(B, 96, generator=g) < 0.1)  # as after sparsemax: most (b, k) get none
         for upstream in (dense, sparse, torch.zeros_like(dense)):
             grads = torch.autograd.grad(s, (q, fdt.tokens), upstream, retain_graph=True)
-            ref_grads = torch.autograd.grad(ref, (q, fdt.tokens), upstream, retain_graph=True)
+            ref_grads = torch.autograd.grad(ref, (q, plain.tokens), upstream, retain_graph=True)
             for got, want in zip(grads, ref_grads):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
@@ -277,7 +280,7 @@ def test_max_pooled_relevance_gradcheck_float64():
 
 
 def test_max_pooled_relevance_keeps_no_relevance_tensor():
-    fdt = FDT(512, 8)
+    fdt = fdt_fast.FDT(512, 8)
     s = fdt.pooled_relevance(torch.randn(4, 16, 8, requires_grad=True))
     assert max(t.numel() for t in s.grad_fn.saved_tensors) < 4 * 16 * 512
 
@@ -285,30 +288,28 @@ def test_max_pooled_relevance_keeps_no_relevance_tensor():
 @pytest.mark.parametrize("activation", ["sparsemax", "softmax"])
 def test_fdt_forward_matches_plain_composite(activation):
     torch.manual_seed(0)
-    fdt = FDT(200, 16, temperature=0.5, activation=activation)
+    fdt, plain = fast_and_plain(200, 16, temperature=0.5, activation=activation)
     q = torch.randn(6, 9, 16, requires_grad=True)
     mask = random_mask(6, 9, torch.Generator().manual_seed(4))
     w, e = fdt(q, mask)
-    s = plain_pooled_relevance(fdt, q, mask)
-    w_ref = sparsemax_sort(s) if activation == "sparsemax" else torch.softmax(s, dim=-1)
-    e_ref = w_ref @ fdt.tokens
+    w_ref, e_ref = plain(q, mask)
     torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(e, e_ref, atol=1e-5, rtol=1e-5)
     upstream = torch.randn(6, 16)
     grads = torch.autograd.grad(e, (q, fdt.tokens), upstream)
-    ref_grads = torch.autograd.grad(e_ref, (q, fdt.tokens), upstream)
+    ref_grads = torch.autograd.grad(e_ref, (q, plain.tokens), upstream)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_fdt_under_bfloat16_autocast():
     torch.manual_seed(0)
-    fdt, query_map = FDT(256, 16, temperature=3.0), torch.nn.Linear(16, 16)
+    (fdt, plain), query_map = fast_and_plain(256, 16, temperature=3.0), torch.nn.Linear(16, 16)
     x = torch.randn(4, 9, 16)
     mask = random_mask(4, 9, torch.Generator().manual_seed(5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         w, e = fdt(query_map(x), mask)
-        s_ref = plain_pooled_relevance(fdt, query_map(x), mask)
+        s_ref = plain.pooled_relevance(query_map(x), mask)
     assert w.dtype == e.dtype == torch.bfloat16
     torch.testing.assert_close(w.float(), sparsemax(s_ref).float(), atol=2e-2, rtol=0)
     e.float().pow(2).sum().backward()
