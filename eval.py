@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import figures
 import shapes
 from model import load_checkpoint, model_from_checkpoint
 
@@ -317,155 +318,27 @@ def evaluate(model, tokenizer, source, root, device):
 
 
 # -----------------------------------------------------------------------------
-# inspection figures
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_eval_metrics(ax, records, keys=("rsum", "zs_shape", "zs_colour", "zs_heldout"), label="", **style):
-    """Evaluation records (dicts with "step" and metrics) over steps on one percent axis: rsum, out
-    of 600, is drawn divided by 6."""
-    for key in keys:
-        if records and key in records[0]:
-            scale = 1 / 6 if key == "rsum" else 1
-            ax.plot([r["step"] for r in records], [r[key] * scale for r in records], marker="o",
-                    label=f"{label}{key}{' / 6' if key == 'rsum' else ''}", **style)
-    ax.set(title="evaluation (%)", xlabel="step")
-
-
-def _save(fig, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    pyplot().close(fig)
-    return path
+# what the FDT tokens stand for
 
 
 @torch.no_grad()
-def plot_image_tokens(model, image, path, k=6):
-    """An image's k highest-weighted FDT tokens, and for each the relevance of every patch: the
-    token's score is the max over patches, so the bright patch is the one that activated it."""
-    plt, device, S = pyplot(), model.logit_scale.device, model.config.image_size
-    x = data.preprocess(image[None].to(device))                               # (1, 3, S, S)
-    w = model.encode_image(x, return_weights=True)[1][0]                      # (n_fdt,)
-    relevance = model.image_relevance(x)[0]                                   # (N, n_fdt)
-    top = w.topk(min(k, int((w > 0).sum())))
-    g = S // model.config.patch_size
-    fig, axes = plt.subplots(1, len(top.indices) + 2, figsize=(2.2 * (len(top.indices) + 2), 2.6))
-    picture = image.permute(1, 2, 0).cpu().numpy()                            # (S, S, 3)
-    axes[0].imshow(picture)
-    axes[0].set_title(f"image ({int((w > 0).sum())} active)", fontsize=9)
-    axes[1].bar(range(len(top.indices)), top.values.cpu().numpy(), color="tab:blue")
-    axes[1].set_xticks(range(len(top.indices)), [f"#{i}" for i in top.indices.tolist()], rotation=90, fontsize=7)
-    axes[1].set_title("top FDT weights", fontsize=9)
-    for ax, token, weight in zip(axes[2:], top.indices.tolist(), top.values.tolist()):
-        heat = relevance[:, token].view(g, g).cpu().numpy()                   # (g, g), patches in raster order
-        ax.imshow(picture)
-        ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, S, S, 0), interpolation="nearest")
-        ax.set_title(f"#{token}  w={weight:.2f}", fontsize=9)
-    for ax in axes:
-        if ax is not axes[1]:
-            ax.axis("off")
-    return _save(fig, path)
-
-
-@torch.no_grad()
-def plot_text_tokens(model, tokenizer, caption, path, k=6):
-    """A caption's k highest-weighted FDT tokens and each one's relevance to every word; the dot
-    marks the word that wins the max-pool, i.e. the word that activated the token."""
-    plt, device = pyplot(), model.logit_scale.device
-    tokens = tokenizer.encode([caption]).to(device)                           # (1, L)
-    w = model.encode_text(tokens, return_weights=True)[1][0]                  # (n_fdt,)
-    relevance, mask = model.text_relevance(tokens)                            # (1, L, n_fdt), (1, L)
-    n = int(mask[0].sum())
-    words = tokenizer.decode_ids(tokens[0, :n])
-    top = w.topk(min(k, int((w > 0).sum())))
-    grid = relevance[0, :n, top.indices].t().cpu().numpy()                    # (k, n): token x word
-    fig, (ax_w, ax_r) = plt.subplots(1, 2, figsize=(3 + 0.55 * n, 1.5 + 0.4 * len(top.indices)),
-                                     gridspec_kw={"width_ratios": [1, max(2, n / 3)]})
-    labels = [f"#{i}" for i in top.indices.tolist()]
-    ax_w.barh(range(len(labels)), top.values.cpu().numpy(), color="tab:orange")
-    ax_w.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax_w.invert_yaxis()
-    ax_w.set_title("FDT weight", fontsize=9)
-    im = ax_r.imshow(grid, cmap="viridis", aspect="auto")
-    ax_r.scatter(grid.argmax(axis=1), range(len(labels)), color="red", s=12)
-    ax_r.set_xticks(range(n), words, rotation=60, ha="right", fontsize=8)
-    ax_r.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax_r.set_title(f'relevance of each word: "{caption}"', fontsize=9)
-    fig.colorbar(im, ax=ax_r, fraction=0.03)
-    return _save(fig, path)
-
-
-@torch.no_grad()
-def plot_shared_tokens(model, tokenizer, image, caption, path, k=12):
-    """The FDT weights of an image and a caption side by side, on the k tokens with the largest
-    summed weight: a matched pair should put its weight on the same tokens."""
-    plt, device = pyplot(), model.logit_scale.device
-    wi = model.encode_image(data.preprocess(image[None].to(device)), return_weights=True)[1][0]  # (n_fdt,)
-    wt = model.encode_text(tokenizer.encode([caption]).to(device), return_weights=True)[1][0]   # (n_fdt,)
-    top = (wi + wt).topk(min(k, len(wi))).indices.tolist()                  # FDT token ids
-    shared = int(((wi > 0) & (wt > 0)).sum())
-    fig, (ax_i, ax_b) = plt.subplots(1, 2, figsize=(11, 2.8), gridspec_kw={"width_ratios": [1, 4]})
-    ax_i.imshow(image.permute(1, 2, 0).cpu().numpy())
-    ax_i.axis("off")
-    x = np.arange(len(top))
-    ax_b.bar(x - 0.2, wi[top].cpu().numpy(), width=0.4, label="image")
-    ax_b.bar(x + 0.2, wt[top].cpu().numpy(), width=0.4, label="caption")
-    ax_b.set_xticks(x, [f"#{t}" for t in top], fontsize=8)
-    ax_b.legend(fontsize=8)
-    ax_b.set_title(f'"{caption}": {shared} tokens active in both (image {int((wi > 0).sum())}, '
-                   f"caption {int((wt > 0).sum())}); cosine {F.cosine_similarity(wi, wt, dim=0):.2f}", fontsize=9)
-    return _save(fig, path)
-
-
-@torch.no_grad()
-def plot_concept_tokens(model, tokenizer, root, path, per_concept=2):
-    """The concept-by-token matrix: for every colour and shape word, the mean FDT weights of the
-    single-object zero-shot images showing it and of the prompts naming it, on each concept's top
-    tokens. The paper's claim is that the same tokens light up in both panels.
-
-    Returns the mean cosine between the image and caption weight profiles of the same concept, and
-    of different concepts (the third panel's diagonal and off-diagonal)."""
-    plt, device = pyplot(), model.logit_scale.device
+def concept_profiles(model, tokenizer, root, device):
+    """The FDT weight profile of every colour and shape word: the mean weights (16, n_fdt) of the
+    single-object zero-shot images showing it and of the prompts naming it, colours first. With the
+    (16, 16) cosine of every image profile against every caption profile and its mean on and off the
+    diagonal: the paper's claim is that the same tokens stand for a concept in both modalities."""
     zs = shapes.load_zeroshot(root, model.config.image_size)
     _, wi = embed_images(model, zs["images"], device, return_weights=True)   # (N, n_fdt)
     _, wt = shapes_prompt_embeddings(model, tokenizer, device, return_weights=True)  # (8, 8, P, n_fdt)
-    concepts = shapes.COLOURS + shapes.SHAPES
     colour, shape = zs["labels"]["colour"].to(device), zs["labels"]["shape"].to(device)
     image_rows = torch.stack([wi[colour == c].mean(dim=0) for c in range(len(shapes.COLOURS))]
                              + [wi[shape == s].mean(dim=0) for s in range(len(shapes.SHAPES))])  # (16, n_fdt)
     text_rows = torch.cat([wt.mean(dim=(1, 2)), wt.mean(dim=(0, 2))])       # (16, n_fdt)
-    columns = []  # each concept's top tokens by its image and text weights summed, in concept order
-    for row in image_rows + text_rows:                                        # (16, n_fdt) summed: a row per concept
-        columns += [t for t in row.topk(per_concept).indices.tolist() if t not in columns]
     cosine = F.normalize(image_rows, dim=1) @ F.normalize(text_rows, dim=1).t()  # (16, 16) image x caption
-    off_diagonal = ~torch.eye(len(concepts), dtype=torch.bool, device=device)
-    result = {"same_concept_cosine": cosine.diagonal().mean().item(),
-              "other_concept_cosine": cosine[off_diagonal].mean().item()}
-
-    fig, axes = plt.subplots(1, 3, figsize=(6 + 0.5 * len(columns), 5.5), layout="constrained",
-                             gridspec_kw={"width_ratios": [len(columns), len(columns), len(concepts)]})
-    for ax, rows, title in ((axes[0], image_rows, "images showing the concept"),
-                            (axes[1], text_rows, "prompts naming the concept")):
-        block = rows[:, columns]                                              # (16, n_columns)
-        ax.imshow((block / block.amax(dim=1, keepdim=True).clamp(min=1e-12)).cpu().numpy(), cmap="magma", vmin=0)
-        ax.set_xticks(range(len(columns)), [f"#{t}" for t in columns], rotation=90, fontsize=7)
-        ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
-        ax.set_title(f"{title}\n(mean FDT weight / row max)", fontsize=9)
-    axes[2].imshow(cosine.cpu().numpy(), cmap="viridis")
-    axes[2].set_xticks(range(len(concepts)), concepts, rotation=90, fontsize=7)
-    axes[2].set_yticks(range(len(concepts)), concepts, fontsize=7)
-    axes[2].set_xlabel("caption concept")
-    axes[2].set_ylabel("image concept")
-    axes[2].set_title(f"cosine of weight profiles\nsame {result['same_concept_cosine']:.2f}, "
-                      f"other {result['other_concept_cosine']:.2f}", fontsize=9)
-    _save(fig, path)
-    return result
+    off_diagonal = ~torch.eye(len(cosine), dtype=torch.bool, device=device)
+    return {"concepts": shapes.COLOURS + shapes.SHAPES, "image": image_rows, "text": text_rows, "cosine": cosine,
+            "same_concept_cosine": cosine.diagonal().mean().item(),
+            "other_concept_cosine": cosine[off_diagonal].mean().item()}
 
 
 # -----------------------------------------------------------------------------
@@ -592,14 +465,15 @@ def run_inspect(args):
     written = []
     for prefix, image, caption in examples:
         if image is not None:
-            written.append(plot_image_tokens(model, image, out / f"{prefix}image_tokens.png"))
+            written.append(figures.plot_image_tokens(model, image, out / f"{prefix}image_tokens.png"))
         if caption is not None:
-            written.append(plot_text_tokens(model, tokenizer, caption, out / f"{prefix}text_tokens.png"))
+            written.append(figures.plot_text_tokens(model, tokenizer, caption, out / f"{prefix}text_tokens.png"))
         if image is not None and caption is not None:
-            written.append(plot_shared_tokens(model, tokenizer, image, caption, out / f"{prefix}pair_tokens.png"))
+            written.append(figures.plot_shared_tokens(model, tokenizer, image, caption, out / f"{prefix}pair_tokens.png"))
     if concepts_root is not None:
         with clear_errors():
-            result = plot_concept_tokens(model, tokenizer, concepts_root, out / "concept_tokens.png")
+            result = concept_profiles(model, tokenizer, concepts_root, args.device)
+        figures.plot_concept_tokens(result, out / "concept_tokens.png")
         written.append(out / "concept_tokens.png")
         print(f"image vs caption FDT weight profiles, cosine: same concept {result['same_concept_cosine']:.2f}, "
               f"different concepts {result['other_concept_cosine']:.2f}")

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import eval as evaluation
+import figures
 
 SEEDS = (0, 1, 2)
 # name -> extra train.py flags; the first two are run with every seed, the ablations with seed 0
@@ -124,9 +125,9 @@ def run_dir(args, name, seed):
     return Path(args.out) / f"{name.replace(' ', '_').replace('=', '')}-seed{seed}"
 
 
-def figures(args):
+def draw_figures(args):
     """results/curves.png (CLIP vs CLIP+FDT, seed 0) and the FDT inspection figures of CLIP+FDT seed 0."""
-    plt = evaluation.pyplot()
+    plt = figures.pyplot()
     results = Path(args.json).parent
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.5))
     for name, colour in (("CLIP", "tab:blue"), ("CLIP+FDT", "tab:orange")):
@@ -137,7 +138,7 @@ def figures(args):
         train_rec = [r for r in records if r["kind"] == "train"]
         ax_loss.plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec], color=colour, label=name)
         for key, style in (("rsum", "-"), ("zs_shape", "--"), ("zs_heldout", ":")):
-            evaluation.plot_eval_metrics(ax_eval, [r for r in records if r["kind"] == "eval"], keys=(key,),
+            figures.plot_eval_metrics(ax_eval, [r for r in records if r["kind"] == "eval"], keys=(key,),
                                          label=f"{name} ", color=colour, linestyle=style)
     ax_loss.set(title="training loss (seed 0)", xlabel="step")
     ax_loss.legend()
@@ -161,7 +162,7 @@ def main(argv=None):
     if args.command == "run":
         run(args)
     elif args.command == "figures":
-        figures(args)
+        draw_figures(args)
     else:
         readme = Path(args.readme)
         if not Path(args.json).exists():

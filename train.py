@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
+import figures
 import shapes
 from model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CLIP, PRESETS, contrastive_loss, load_checkpoint
 
@@ -138,23 +139,6 @@ def check_resumable(ckpt, model_config, args, total_steps):
                          + "\n  ".join(diffs))
 
 
-def plot_history(history, path):
-    """loss, lr, logit scale and eval metrics over steps, one PNG refreshed every epoch."""
-    plt = evaluation.pyplot()
-    train = [h for h in history if h["kind"] == "train"]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, key, title in zip(axes[:3], ("loss", "lr", "logit_scale"), ("train loss", "learning rate", "logit scale (exp)")):
-        ax.plot([h["step"] for h in train], [h[key] for h in train])
-        ax.set(title=title, xlabel="step")
-    evals = [h for h in history if h["kind"] == "eval"]
-    if evals:                                     # none yet when Ctrl-C comes before the first epoch ends
-        evaluation.plot_eval_metrics(axes[3], evals)
-        axes[3].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def main(argv=None):
     args = parse_args(argv)
 
@@ -245,7 +229,7 @@ def main(argv=None):
         })
         # metrics.jsonl only ever holds what a checkpoint can resume from
         (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        plot_history(history, out / "curves.png")
+        figures.plot_history(history, out / "curves.png")
 
     if master:
         out.mkdir(parents=True, exist_ok=True)
