@@ -126,12 +126,20 @@ def _read_json(path: Path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def write_json(path: Path, obj):
-    """Written under a temporary name and renamed, so a reader never sees half a file."""
+def write_atomic(path: Path, text: str):
+    """Written under a temporary name, flushed to disk and renamed, so a reader (or a run killed at
+    any moment) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_atomic(path, json.dumps(obj))
 
 
 def _check(ok: bool, path: Path, what: str):
@@ -226,6 +234,20 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
     return CaptionSet(images, captions, [str(f) for f in files], entries)
 
 
+def image_ids(source: str, root: str | Path, split: str) -> set[int]:
+    """The COCO image ids of a split, read from its caption file alone (no images): what decides
+    whether two splits of COCO 2017 and Karpathy's layout share images. Not defined for shapes."""
+    root = Path(root)
+    if source == "karpathy":
+        wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+        entries = _read_json(root / "dataset_coco.json")["images"]
+        return {im["cocoid"] for im in entries if im.get("split") in wanted and "cocoid" in im}
+    if source == "coco":
+        name = "train2017" if split == "train" else "val2017"
+        return {im["id"] for im in _read_json(root / "annotations" / f"captions_{name}.json")["images"]}
+    raise ValueError(f"image ids are defined for coco and karpathy, not {source!r}")
+
+
 def retrieval_captions(cs: CaptionSet, per_image: int = 5) -> tuple[list[str], torch.LongTensor]:
     """The first `per_image` captions of every image (the COCO 5k protocol) and, for each caption,
     the index of its image: (n_texts,)."""
@@ -253,6 +275,14 @@ def _decode(path: Path, size: int) -> np.ndarray:
     return np.array(im.crop((left, top, left + size, top + size)))
 
 
+def _decode_or_error(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
+    """(_decode's image, None), or (None, what went wrong) for a truncated or non-image file."""
+    try:
+        return _decode(path, size), None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, bad headers
+        return None, f"{type(e).__name__}: {e}"
+
+
 def _fingerprint(files: list[Path]) -> str:
     """A hash of every image's path, size and modification time; also the place where missing
     images are reported, all at once."""
@@ -265,7 +295,8 @@ def _fingerprint(files: list[Path]) -> str:
             continue
         h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(files)} images are missing, e.g.:\n  " + "\n  ".join(missing[:5]))
+        raise FileNotFoundError(f"{len(missing)} of {len(files)} images are missing:\n  " + "\n  ".join(missing[:10])
+                                + ("\n  ..." if len(missing) > 10 else "") + "\nre-download them, or remove their entries from the caption file")
     return h.hexdigest()
 
 
@@ -282,15 +313,25 @@ def _cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     tmp = array.with_name(f"{array.name}.tmp{os.getpid()}")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
     # PIL releases the GIL while decoding and resizing, so threads use all cores
-    decode = functools.partial(_decode, size=size)
+    decode = functools.partial(_decode_or_error, size=size)
+    unreadable = []
     with ThreadPoolExecutor(os.cpu_count()) as pool, \
             tqdm(total=len(files), desc=f"caching {cache.name}", disable=len(files) < 5000) as bar:
         for a in range(0, len(files), 1024):  # bounded chunks: decoded images never pile up in memory
             chunk = files[a:a + 1024]
-            out[a:a + len(chunk)] = np.stack(list(pool.map(decode, chunk)))
+            for k, (image, error) in enumerate(pool.map(decode, chunk)):
+                if error is None:
+                    out[a + k] = image
+                else:
+                    unreadable.append(f"{chunk[k]}: {error}")
             bar.update(len(chunk))
     out.flush()
     del out
+    if unreadable:  # every bad file at once, before any training; the half-built cache is dropped
+        tmp.unlink()
+        raise ValueError(f"{len(unreadable)} of {len(files)} images cannot be read:\n  " + "\n  ".join(unreadable[:10])
+                         + ("\n  ..." if len(unreadable) > 10 else "")
+                         + "\nre-download or replace them (or remove their entries from the caption file)")
     os.replace(tmp, array)
     write_json(meta_file, meta)
     return np.load(array, mmap_mode="r")
@@ -332,6 +373,13 @@ class TrainLoader:
         x = torch.from_numpy(self.images[images]).permute(0, 3, 1, 2)  # (b, S, S, 3) -> (b, 3, S, S), channels-last memory
         return x, torch.from_numpy(self.tokens[captions].astype(np.int64))
 
+    def stream(self, step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches from global step `step` on, epoch after epoch, without end."""
+        epoch, start_batch = divmod(step, len(self))
+        while True:
+            yield from self.epoch(epoch, start_batch)
+            epoch, start_batch = epoch + 1, 0
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng([self.seed, epoch])
         if self.groups is None:
@@ -360,11 +408,33 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP clip/clip.py _tra
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, S, S) in [0, 1] -> normalised with CLIP's mean and std."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 normalised with CLIP's mean and std, on the same device."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return _normalise(images.float() / 255)
+
+
+def _resized_crop(x: torch.Tensor, u: torch.Tensor, scale, ratio, flip=None) -> torch.Tensor:
+    """A random resized crop per image of a float batch (B, 3, H, W), from uniforms u (B, 4):
+    area fraction in `scale`, aspect ratio in `ratio`, x and y of the crop; flip (B,) bool mirrors."""
+    B, _, H, W = x.shape
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
+    w = (area * aspect).sqrt().clamp(max=1)  # crop size as a fraction of the image
+    h = (area / aspect).sqrt().clamp(max=1)
+    theta = torch.zeros(B, 2, 3)             # output [-1, 1] -> input [centre - w, centre + w]
+    theta[:, 0, 0] = w if flip is None else torch.where(flip, -w, w)  # negative: mirrored
+    theta[:, 1, 1] = h
+    theta[:, 0, 2] = (1 - w) * (2 * u[:, 2] - 1)  # the crop stays inside the image
+    theta[:, 1, 2] = (1 - h) * (2 * u[:, 3] - 1)
+    grid = F.affine_grid(theta.to(x.device), [B, 3, H, W], align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def augment(images: torch.Tensor, u: torch.Tensor,
@@ -374,15 +444,51 @@ def augment(images: torch.Tensor, u: torch.Tensor,
     left and right. u: (B, 4) uniforms in [0, 1) on the CPU, one row per image (area, aspect, x, y);
     they are drawn by the caller so that each DDP process can draw the global batch's rows from one
     seed and keep its own slice, and a resumed run redraws the same crops."""
+    return _resized_crop(preprocess(images), u, scale, ratio)
+
+
+MOCOV2_DRAWS = 13  # uniforms per image that augment_mocov2 reads
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) luma (ITU-R 601, as torchvision's rgb_to_grayscale)."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def augment_mocov2(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float32 normalised, with MoCo v2's augmentation (Chen et al. 2020, the
+    official FDT recipe), batched: a random resized crop (area 0.2-1), with probability 0.8 a colour
+    jitter (brightness, contrast, saturation 0.4, hue 0.1; applied in that order, where torchvision
+    shuffles it), grayscale with probability 0.2, a Gaussian blur (sigma 0.1-2, kernel 10 % of the
+    image) with probability 0.5, and a horizontal flip with probability 0.5. u: (B, MOCOV2_DRAWS)
+    uniforms in [0, 1) on the CPU, drawn by the caller as for `augment`."""
     B, _, H, W = images.shape
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
-    w = (area * aspect).sqrt().clamp(max=1)  # crop size as a fraction of the image
-    h = (area / aspect).sqrt().clamp(max=1)
-    theta = torch.zeros(B, 2, 3)             # output [-1, 1] -> input [centre - w, centre + w]
-    theta[:, 0, 0], theta[:, 1, 1] = w, h    # positive: no flip
-    theta[:, 0, 2] = (1 - w) * (2 * u[:, 2] - 1)  # the crop stays inside the image
-    theta[:, 1, 2] = (1 - h) * (2 * u[:, 3] - 1)
-    x = preprocess(images)
-    grid = F.affine_grid(theta.to(x.device), [B, 3, H, W], align_corners=False)  # (B, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    u = u.to(images.device)
+    x = _resized_crop(images.float() / 255, u[:, :4].cpu(), (0.2, 1.0), (3 / 4, 4 / 3), flip=u[:, 4].cpu() < 0.5)
+    per_image = lambda v: v.view(B, 1, 1, 1)  # noqa: E731  (B,) -> (B, 1, 1, 1)
+    b, c, s = (per_image(1 + 0.4 * (2 * u[:, k] - 1)) for k in (6, 7, 8))
+    hue = 2 * math.pi * 0.1 * (2 * u[:, 9] - 1)                              # (B,) radians
+    y = (x * b).clamp(0, 1)
+    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)                         # (B, 1, 1, 1)
+    y = ((y - mean) * c + mean).clamp(0, 1)
+    g = _gray(y)
+    y = ((y - g) * s + g).clamp(0, 1)
+    # hue: a rotation of the chroma plane of YIQ (an approximation of torchvision's HSV shift)
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
+    cos, sin = hue.cos(), hue.sin()
+    rotate = torch.zeros(B, 3, 3, device=x.device)
+    rotate[:, 0, 0], rotate[:, 1, 1], rotate[:, 1, 2], rotate[:, 2, 1], rotate[:, 2, 2] = 1, cos, -sin, sin, cos
+    mix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq                          # (B, 3, 3) RGB -> RGB
+    y = torch.einsum("bij,bjhw->bihw", mix, y).clamp(0, 1)
+    x = torch.where(per_image(u[:, 5] < 0.8), y, x)
+    x = torch.where(per_image(u[:, 10] < 0.2), _gray(x).expand(-1, 3, -1, -1), x)
+    sigma = 0.1 + 1.9 * u[:, 12]                                              # (B,)
+    radius = max(1, round(0.05 * H))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (k,)
+    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))     # (B, k)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)  # (3B, k), one per channel
+    flat = x.reshape(1, 3 * B, H, W)                                          # images as channels: one grouped conv
+    blurred = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=3 * B)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=3 * B)
+    x = torch.where(per_image(u[:, 11] < 0.5), blurred.view(B, 3, H, W), x)
+    return _normalise(x)

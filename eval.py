@@ -376,6 +376,26 @@ def data_source(ckpt, source=None, root=None):
     return source, Path(root)
 
 
+def refuse_overlap(ckpt, source, root, split, allow):
+    """Stop when the evaluation split shares COCO images with the checkpoint's training split
+    (train2017 holds most of Karpathy's test images, Karpathy's train+restval part of val2017):
+    the numbers would measure memory, not generalisation. --allow-overlap skips the check."""
+    trained = ckpt.get("data", {})
+    if allow or "shapes" in (source, trained.get("source")):
+        return
+    try:
+        overlap = data.image_ids(source, root, split) & data.image_ids(trained["source"], trained["root"], "train")
+    except (KeyError, OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot check that {source} {split} is disjoint from the checkpoint's training "
+                         f"split ({type(e).__name__}: {e}); pass --allow-overlap to evaluate anyway") from None
+    if overlap:
+        raise SystemExit(f"error: {len(overlap)} images of {source} {split} are in the checkpoint's training split "
+                         f"({trained['source']} train in {trained['root']}), e.g. COCO ids {sorted(overlap)[:3]}: "
+                         "the results would be inflated. Evaluate on a disjoint split (a --data karpathy "
+                         "checkpoint on --data karpathy --split test, a --data coco one on --data coco), or "
+                         "pass --allow-overlap")
+
+
 def write_json(path, record):
     path.write_text(json.dumps(record, indent=1))
     print(f"wrote {path}")
@@ -384,6 +404,7 @@ def write_json(path, record):
 def run_retrieval(args):
     ckpt, model, tokenizer = load(args)
     source, root = data_source(ckpt, args.data, args.data_dir)
+    refuse_overlap(ckpt, source, root, args.split, args.allow_overlap)
     with clear_errors():
         caption_set = data.load_split(source, root, args.split, model.config.image_size)
     m = evaluate_retrieval(model, tokenizer, caption_set, args.device)
@@ -496,6 +517,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--data", choices=["shapes", "coco", "karpathy"], default=None, help="default: the checkpoint's")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
     p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate even on images the checkpoint was trained on (the results are then inflated)")
     p = command("zeroshot", run_zeroshot, "prompt-ensemble zero-shot classification")
     p.add_argument("--dataset", choices=["shapes", "cifar10", "cifar100", "imagefolder"], required=True)
     p.add_argument("--data-dir", default=None,

@@ -75,8 +75,16 @@ class SparsemaxFunction(torch.autograd.Function):
 
 
 def apply_sparsemax(x, dim, threshold):
-    """SparsemaxFunction along any dim, in float32 (or float64) whatever x's dtype, even under autocast."""
+    """SparsemaxFunction along any dim, in float32 (or float64) whatever x's dtype, even under autocast.
+    A row without a finite entry, or with +inf or NaN, has no defined projection: a ValueError."""
     z = x.movedim(dim, -1).to(torch.promote_types(x.dtype, torch.float32))  # (..., n)
+    # one reduction and a sync per call: cheap next to the threshold, and a bad row must not pass silently
+    bad = ~torch.isfinite(z).any(dim=-1) | torch.isnan(z).any(dim=-1) | (z == float("inf")).any(dim=-1)  # (...,)
+    if bad.any():
+        first = [i.item() for i in bad.nonzero()[0]]
+        raise ValueError(f"sparsemax: {int(bad.sum())} of {bad.numel()} rows have no finite entry or hold +inf "
+                         f"or NaN (the first at index {first}); in an FDT layer: an all-padding caption, or "
+                         "relevances that overflowed (fp16: use bf16 or a larger FDT temperature)")
     with torch.autocast(device_type=x.device.type, enabled=False):
         p = SparsemaxFunction.apply(z.contiguous(), threshold)
     return p.to(x.dtype).movedim(-1, dim)
@@ -154,7 +162,11 @@ class FDT(nn.Module):
         return torch.softmax(s.float(), dim=-1).to(s.dtype)
 
     def forward(self, queries, mask=None):
-        """queries (B, T, dim) already query-mapped -> weights (B, n_tokens), embedding (B, dim)."""
+        """queries (B, T, dim) already query-mapped -> weights (B, n_tokens), embedding (B, dim).
+        Every row needs a real position: a row of pads only is a ValueError."""
+        if mask is not None and not mask.any(dim=1).all():
+            raise ValueError(f"FDT: rows {(~mask.any(dim=1)).nonzero().flatten().tolist()} of the mask have no "
+                             "real position (True = real); every caption needs at least its end-of-text token")
         weights = self.activate(self.pooled_relevance(queries, mask))  # (B, n_tokens)
         embedding = weights @ self.tokens.to(weights.dtype)          # Eq. 4: (B, dim), not yet normalised
         return weights, embedding

@@ -167,3 +167,39 @@ def plot_history(history, path):
         axes[3].legend(fontsize=7)
     fig.tight_layout()
     return save(fig, path, dpi=80)
+
+
+def plot_study(histories, summary, curves_path, binding_path):
+    """The study's two figures. histories: run name -> metrics.jsonl records (one seed);
+    summary: run name -> {metric header: values over seeds}, in percent."""
+    plt = pyplot()
+    colours = {"CLIP": "tab:blue", "CLIP+FDT": "tab:orange"}
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, records in histories.items():
+        train = [r for r in records if r["kind"] == "train"]
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=colours.get(name), label=name)
+        evals = [r for r in records if r["kind"] == "eval"]
+        for key, style in (("zs_shape", "-"), ("bind_swap_colour", "--"), ("bind_replace_shape", ":")):
+            plot_eval_metrics(ax_eval, evals, keys=(key,), label=f"{name} ", color=colours.get(name), linestyle=style)
+    ax_loss.set(title="training loss (seed 0)", xlabel="step")
+    ax_loss.legend()
+    ax_eval.legend(fontsize=7)
+    fig.tight_layout()
+    save(fig, curves_path, dpi=80)
+
+    headers = list(next(iter(summary.values())))
+    fig, ax = plt.subplots(figsize=(1.1 * len(headers) + 2, 3.6))
+    x = np.arange(len(headers))
+    width = 0.8 / len(summary)
+    for i, (name, metrics) in enumerate(summary.items()):
+        means = [np.mean(metrics[h]) for h in headers]
+        stds = [np.std(metrics[h], ddof=1) if len(metrics[h]) > 1 else 0 for h in headers]
+        ax.bar(x + (i - (len(summary) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+               color=colours.get(name), label=f"{name} ({len(metrics[headers[0]])} seeds)")
+    ax.axhline(50, color="grey", linewidth=0.8, linestyle="--")
+    ax.text(len(headers) - 0.5, 51, "chance for the binding tests", fontsize=7, ha="right", color="grey")
+    ax.set_xticks(x, headers, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="%", ylim=(0, 100), title="zero-shot and binding accuracy, mean ± std over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, binding_path, dpi=80)

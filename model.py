@@ -14,7 +14,8 @@ being compared.
 """
 
 import math
-from dataclasses import dataclass, fields
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -267,7 +268,7 @@ def contrastive_loss(image_emb, text_emb, logit_scale, all_image_emb=None, all_t
     """
     all_image_emb = image_emb if all_image_emb is None else all_image_emb
     all_text_emb = text_emb if all_text_emb is None else all_text_emb
-    scale = logit_scale.exp()
+    scale = logit_scale.exp().clamp(max=100)   # CLIP's cap (and the official FDT code's) on the inverse temperature
     logits_i2t = scale * image_emb.float() @ all_text_emb.float().t()   # (b, N)
     logits_t2i = scale * text_emb.float() @ all_image_emb.float().t()   # (b, N)
     labels = offset + torch.arange(image_emb.shape[0], device=image_emb.device)
@@ -309,6 +310,21 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path} has checkpoint format version {ckpt['version']}, newer than this code "
                          f"reads ({CHECKPOINT_VERSION}); update the code")
     return ckpt
+
+
+def save_checkpoint(path, model, tokenizer, data_source, **train_state):
+    """Write model, config, tokenizer and training state (step, optimizer, ...) to `path`
+    atomically: under a temporary name, flushed to disk, then renamed, so a crash or kill -9 at any
+    moment leaves either the previous checkpoint or this one, never half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+                    "model_config": asdict(model.config), "tokenizer": tokenizer.state_dict(),
+                    "data": data_source, **train_state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def model_from_checkpoint(ckpt):

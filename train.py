@@ -1,22 +1,26 @@
 """Train CLIP+FDT (or the CLIP baseline) on image-caption pairs.
 
-    python train.py                                  # FDT, tiny preset, the built-in shapes data
+    python train.py                                  # FDT, tiny preset, the built-in shapes world
     python train.py --model clip                     # the baseline, everything else identical
     python train.py --data coco --data-dir data/coco --preset small --epochs 10
-    torchrun --nproc_per_node=4 train.py --data coco --data-dir data/coco --preset base
+    torchrun --nproc_per_node=8 train.py --data coco --data-dir data/coco --recipe paper
 
 One flat loop in the spirit of nanoGPT's train.py: AdamW (betas 0.9 / 0.98, no weight decay on
 norms, biases and the logit scale, as in CLIP and the FDT paper), linear warm-up then cosine decay,
-gradient clipping, bf16 / fp16 autocast, an evaluation and an atomic checkpoint every epoch (or
-every --eval-every epochs; and on Ctrl-C), exact resume, and DistributedDataParallel with a contrastive loss over the global batch.
+gradient clipping, bf16 / fp16 autocast, an atomic checkpoint and then an evaluation every epoch
+(or every --eval-every epochs; and on Ctrl-C), exact resume, and DistributedDataParallel with a
+contrastive loss over the global batch. `--recipe paper` switches every setting to the official
+configuration (README, "This project's defaults vs the paper's").
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -30,26 +34,43 @@ import data
 import eval as evaluation
 import figures
 import shapes
-from model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CLIP, PRESETS, contrastive_loss, load_checkpoint
+from model import CLIP, PRESETS, contrastive_loss, load_checkpoint, save_checkpoint
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP clamps the learned inverse temperature at 100
+# Training settings that differ between this project's defaults and the official FDT recipe
+# (github yuxiaochen1103/FDT, example/clip_fdt/config_cc3m.yaml and train_solver.py). A flag given
+# on the command line wins over its recipe.
+RECIPES = {
+    "default": {"preset": "tiny", "epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup": 100,
+                "warmup_from": 0.0, "grad_clip": 1.0, "logit_scale_min": 0.0, "logit_scale_max": math.log(100),
+                "freeze_patch_embed": False, "augment": None, "amp": None},
+    "paper": {"preset": "base", "epochs": 32, "batch_size": 1024, "lr": 1e-3, "warmup": 2500,
+              "warmup_from": 1e-4, "grad_clip": 0.0, "logit_scale_min": 3.0, "logit_scale_max": 6.0,
+              "freeze_patch_embed": True, "augment": "mocov2", "amp": "off", "fdt_temperature": 1000.0,
+              "logit_scale_init": 1 / 0.07},
+}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="defaults for the flags below: this project's, or the official FDT configuration")
     p.add_argument("--data", choices=["shapes", "coco", "karpathy"], default="shapes",
                    help="shapes: generated on first use; coco: COCO 2017 layout; karpathy: dataset_coco.json splits")
     p.add_argument("--data-dir", default=None, help="dataset root (default: data/<data>)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (model.PRESETS)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size (model.PRESETS)")
     p.add_argument("--model", choices=["fdt", "clip"], default="fdt", help="FDT head or the CLIP projection head")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the training set (ignored with --steps)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training set (ignored with --steps)")
     p.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size, over all processes")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size, over all processes")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    p.add_argument("--warmup-from", type=float, default=None, help="learning rate at step 0 of the warm-up")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
+    p.add_argument("--logit-scale-min", type=float, default=None, help="lower clamp of the log inverse temperature")
+    p.add_argument("--logit-scale-max", type=float, default=None, help="upper clamp of the log inverse temperature")
+    p.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the ViT's patch embedding at its initialisation")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
                    help="autocast precision (default: bf16 on CUDA, off on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -57,18 +78,25 @@ def parse_args(argv):
     p.add_argument("--n-fdt", type=int, default=None, help="number of FDT tokens (default: preset's)")
     p.add_argument("--fdt-temperature", type=float, default=None, help="FDT temperature (default: preset's)")
     p.add_argument("--logit-scale-init", type=float, default=None, help="initial inverse temperature (default: preset's)")
-    p.add_argument("--augment", choices=["crop", "none"], default=None,
-                   help="random resized crops, or none (default: none for shapes, whose captions say where "
-                        "things are and whose objects a crop can cut off; crop otherwise)")
+    p.add_argument("--augment", choices=["crop", "mocov2", "none"], default=None,
+                   help="a mild random resized crop, MoCo v2's augmentation (the paper's), or none (default: "
+                        "none for shapes, whose captions say where things are and whose objects a crop can "
+                        "cut off; crop otherwise)")
     p.add_argument("--batching", choices=["grouped", "random"], default="grouped",
                    help="grouped: a shapes scene and its edits share a batch; random: every image on its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<model>-<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt with the same settings")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: allow a longer (or shorter) run than the checkpoint's; the schedule "
+                        "is recomputed for the new length, so the result differs from a run of that length")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--workers", type=int, default=0, help="data loader read-ahead threads")
-    p.add_argument("--eval-every", type=int, default=1, help="evaluate and checkpoint every N epochs")
+    p.add_argument("--eval-every", type=int, default=1, help="checkpoint and evaluate every N epochs")
     args = p.parse_args(argv)
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -76,7 +104,7 @@ def parse_args(argv):
         p.error("--steps must be at least 1")
     if args.lr <= 0:
         p.error("--lr must be positive")
-    for name in ("weight_decay", "warmup", "grad_clip", "workers"):
+    for name in ("weight_decay", "warmup", "warmup_from", "grad_clip", "workers"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     if args.n_fdt is not None and args.n_fdt < 1:
@@ -84,25 +112,33 @@ def parse_args(argv):
     for name in ("fdt_temperature", "logit_scale_init"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.logit_scale_min > args.logit_scale_max:
+        p.error("--logit-scale-min is above --logit-scale-max")
+    if args.extend and not args.resume:
+        p.error("--extend only makes sense with --resume")
     args.augment = args.augment or ("none" if args.data == "shapes" else "crop")
     args.data_dir = args.data_dir or f"data/{args.data}"
     args.out = args.out or f"runs/{args.data}-{args.model}-{args.preset}"
     return args
 
 
-def lr_at(step, total, warmup, peak):
-    """Linear warm-up to `peak`, then cosine decay to 0 at `total` steps."""
+# -----------------------------------------------------------------------------
+# the pieces of the loop: pure functions
+
+def lr_at(step, total, warmup, peak, start=0.0):
+    """Linear warm-up from `start` to `peak` over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return start + (peak - start) * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def param_groups(model, weight_decay):
-    """No weight decay on norms, biases and the logit scale (every parameter with < 2 dims)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """No weight decay on norms, biases and the logit scale (every parameter with < 2 dims); the
+    FDT tokens (2-D) are decayed, as in the official code. Frozen parameters are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def global_contrastive_loss(image_emb, text_emb, logit_scale, rank, world_size):
@@ -116,38 +152,26 @@ def global_contrastive_loss(image_emb, text_emb, logit_scale, rank, world_size):
     return contrastive_loss(image_emb, text_emb, logit_scale, all_image, all_text, offset=rank * image_emb.shape[0])
 
 
-def save_checkpoint(path, state):
-    """Atomic: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def augment(images, args, step, local):
+    """uint8 batch -> normalised float, augmented as --augment says. The random draws are for the
+    global batch, from (seed, step), this process's rows kept: a resumed run redraws the same
+    augmentation and N processes augment exactly as one process would."""
+    if args.augment == "none":
+        return data.preprocess(images)
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    if args.augment == "crop":
+        return data.augment(images, torch.rand(args.batch_size, 4, generator=g)[local])
+    return data.augment_mocov2(images, torch.rand(args.batch_size, data.MOCOV2_DRAWS, generator=g)[local])
 
 
-def check_resumable(ckpt, model_config, args, total_steps):
-    """Resuming is exact only with the same model and the same data order, crops and schedule;
-    name every setting that differs."""
-    stored = ckpt["model_config"]
-    diffs = [f"{k}: checkpoint {stored.get(k)!r} vs now {v!r}" for k, v in asdict(model_config).items()
-             if stored.get(k) != v]
-    now = {"batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
-           "weight_decay": args.weight_decay, "total_steps": total_steps, "augment": args.augment,
-           "batching": args.batching}
-    diffs += [f"{k}: checkpoint {ckpt['train'].get(k)!r} vs now {v!r}" for k, v in now.items()
-              if ckpt["train"].get(k) != v]
-    if diffs:
-        raise SystemExit("cannot resume: the checkpoint was trained with another configuration:\n  "
-                         + "\n  ".join(diffs))
+# -----------------------------------------------------------------------------
+# setup, checkpoints, resume
 
-
-def main(argv=None):
-    args = parse_args(argv)
-
-    # --- processes and devices -------------------------------------------------
+def setup_processes(args):
+    """-> device, rank, world_size. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -155,24 +179,98 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.batch_size % world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+    return device, rank, world_size
+
+
+@contextmanager
+def locked_run_folder(out):
+    """An exclusive lock on <out>/lock while the run lasts: a second run on the same folder would
+    interleave checkpoints. The OS drops the lock when the process dies, even by kill -9."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: another training run is using {out} (it holds {out / 'lock'}); "
+                             "wait for it to finish, or pass another --out") from None
+        yield
+
+
+def run_settings(args, config, total_steps):
+    """Every setting that changes the result: a resumed run must have the same ones."""
+    return {"model": asdict(config), "data": args.data, "data_dir": str(Path(args.data_dir).resolve()),
+            "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
+            "warmup_from": args.warmup_from, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+            "logit_scale_min": args.logit_scale_min, "logit_scale_max": args.logit_scale_max,
+            "freeze_patch_embed": args.freeze_patch_embed, "amp": args.amp, "augment": args.augment,
+            "batching": args.batching, "total_steps": total_steps}
+
+
+def check_resumable(ckpt, settings, extend):
+    """Resuming is exact only with the same settings: name every one that differs, one per line.
+    With --extend the schedule length may differ (but not below the steps already done)."""
+    stored = ckpt.get("settings", {})
+    diffs = []
+    for key, now in settings.items():
+        if key == "model":
+            diffs += [f"model.{k}: checkpoint {stored.get('model', {}).get(k)!r}, now {v!r}"
+                      for k, v in now.items() if stored.get("model", {}).get(k) != v]
+        elif stored.get(key) != now and not (key == "total_steps" and extend):
+            hint = " (pass --extend to train for another length)" if key == "total_steps" else ""
+            diffs.append(f"{key}: checkpoint {stored.get(key)!r}, now {now!r}{hint}")
+    if diffs:
+        raise SystemExit("error: cannot resume: the checkpoint was trained with other settings:\n  "
+                         + "\n  ".join(diffs))
+    if settings["total_steps"] < ckpt["step"]:
+        raise SystemExit(f"error: the checkpoint is at step {ckpt['step']}, past the {settings['total_steps']} "
+                         "steps asked for")
+
+
+def read_history(out, step):
+    """metrics.jsonl up to `step` (the checkpoint's): it is written right after each checkpoint."""
+    metrics = out / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= step]
+
+
+def write_history(out, history):
+    data.write_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    figures.plot_history(history, out / "curves.png")
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, rank, world_size = setup_processes(args)
+    with locked_run_folder(Path(args.out)) if rank == 0 else nullcontext():
+        return run(args, device, rank, world_size)
+
+
+def run(args, device, rank, world_size):
     master = rank == 0
     amp = args.amp or ("bf16" if device.type == "cuda" else "off")
     if amp == "fp16" and device.type != "cuda":
         raise SystemExit("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    args.amp = amp
+    out, root, preset = Path(args.out), Path(args.data_dir), PRESETS[args.preset]
+    ckpt_path = out / "ckpt.pt"
 
-    # --- data ------------------------------------------------------------------
-    root = Path(args.data_dir)
+    # --- data: every split the run reads is checked (and cached) before the first step ----------
     if args.data == "shapes" and master and not shapes.ready(root):
         shapes.prepare(root)
     if world_size > 1:
         dist.barrier()                              # other ranks wait for the generated data
-    preset = PRESETS[args.preset]
-    out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
     ckpt = None
-    try:   # missing or malformed data and checkpoints, too few images: the message, not a traceback
+    try:   # missing or unreadable data and checkpoints: the message, not a traceback
         train_set = data.load_split(args.data, root, "train", preset.image_size)
+        if master:
+            data.load_split(args.data, root, "val", preset.image_size)
+            if args.data == "shapes":
+                shapes.load_zeroshot(root, preset.image_size)
         if args.resume:
             ckpt = load_checkpoint(ckpt_path, map_location="cpu")
             tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
@@ -183,7 +281,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 
-    # --- model -----------------------------------------------------------------
+    # --- model, optimiser, resume ------------------------------------------------
     overrides = {"head": "fdt" if args.model == "fdt" else "proj", "vocab_size": tokenizer.vocab_size}
     for key in ("fdt_activation", "n_fdt", "fdt_temperature", "logit_scale_init"):
         if getattr(args, key) is not None:
@@ -191,24 +289,21 @@ def main(argv=None):
     config = replace(preset, **overrides)
     torch.manual_seed(args.seed)                    # same initial weights on every rank
     model = CLIP(config).to(device)
+    model.visual.patch_embed.requires_grad_(not args.freeze_patch_embed)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
     steps_per_epoch = len(loader)
     total_steps = args.steps or args.epochs * steps_per_epoch
-    step = 0
-    history = []
+    settings = run_settings(args, config, total_steps)
+    step, history = 0, []
     if ckpt is not None:
-        check_resumable(ckpt, config, args, total_steps)
+        check_resumable(ckpt, settings, args.extend)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         step = ckpt["step"]
-        metrics = out / "metrics.jsonl"        # written with each checkpoint, so it matches this step
-        history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        history = read_history(out, step)
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -216,25 +311,28 @@ def main(argv=None):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint():
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-            "model": raw_model.state_dict(), "model_config": asdict(config),
-            "tokenizer": tokenizer.state_dict(), "data": {"source": args.data, "root": str(root)},
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "epoch": step // steps_per_epoch, "rng": rng,
-            "train": {**{k: v for k, v in vars(args).items() if v is not None}, "total_steps": total_steps},
-        })
-        # metrics.jsonl only ever holds what a checkpoint can resume from
-        (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-        figures.plot_history(history, out / "curves.png")
+        """The weights, optimiser and everything needed to resume, then the history up to here."""
+        save_checkpoint(ckpt_path, raw_model, tokenizer, {"source": args.data, "root": str(root)}, step=step,
+                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), settings=settings)
+        write_history(out, history)
+
+    def evaluate():
+        """Validation metrics, after the checkpoint: an error here loses no training."""
+        raw_model.eval()
+        try:
+            metrics = evaluation.evaluate(raw_model, tokenizer, args.data, root, device)
+        except Exception as e:
+            raise SystemExit(f"error: the evaluation at step {step} failed ({type(e).__name__}: {e}); "
+                             f"the checkpoint {ckpt_path} is saved: fix the cause and run again with "
+                             "--resume") from None
+        raw_model.train()
+        history.append({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **metrics})
+        write_history(out, history)
+        return metrics
 
     if master:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"args": vars(args), "model": asdict(config),
-                                                     "world_size": world_size, "amp": amp}, indent=2))
+                                                     "world_size": world_size}, indent=2))
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.model} | preset {args.preset} | {n_params / 1e6:.2f}M parameters | {device} x {world_size} "
               f"| amp {amp} | {len(train_set.images)} images | {steps_per_epoch} steps/epoch | {total_steps} steps")
@@ -249,72 +347,58 @@ def main(argv=None):
         interrupted.append(True)
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    last_eval = next((h for h in reversed(history) if h["kind"] == "eval"), {})   # a finished run resumed
+    last_eval = next((h for h in reversed(history) if h["kind"] == "eval" and h["step"] == step), {})
     last_eval = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "epoch")}
     t_last, samples_since = time.time(), 0
     try:
-        while step < total_steps and not interrupted:
-            epoch, start_batch = divmod(step, steps_per_epoch)
-            for images, tokens in loader.epoch(epoch, start_batch):
-                lr = lr_at(step, total_steps, args.warmup, args.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(device, non_blocking=True)
-                tokens = tokens.to(device, non_blocking=True)
-                # crops for the global batch drawn from (seed, step), this process's rows kept: a resumed
-                # run redraws the same crops and N processes crop exactly as one process would
-                if args.augment == "crop":
-                    crops = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-                    images = data.augment(images, torch.rand(args.batch_size, 4, generator=crops)[loader.local])
-                else:
-                    images = data.preprocess(images)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    image_emb, text_emb, image_w, text_w = model(images, tokens)
-                loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank, world_size)
-                if not torch.isfinite(loss):
-                    raise SystemExit(f"stopped: non-finite loss ({loss.item()}) at step {step}; "
-                                     f"the last good checkpoint is {ckpt_path}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
-                scaler.step(optimizer)
-                scaler.update()
-                with torch.no_grad():
-                    raw_model.logit_scale.clamp_(max=MAX_LOGIT_SCALE)
-                step += 1
-                samples_since += args.batch_size
-                bar.update(1)
+        for images, tokens in loader.stream(step):
+            if step == total_steps or interrupted:
+                break
+            lr = lr_at(step, total_steps, args.warmup, args.lr, args.warmup_from)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = augment(images.to(device), args, step, loader.local)
+            tokens = tokens.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                image_emb, text_emb, image_w, text_w = model(images, tokens)
+            loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank, world_size)
+            if not torch.isfinite(loss):            # a sync every step: a NaN must not reach the weights
+                raise SystemExit(f"stopped: non-finite loss ({loss.item()}) at step {step}; "
+                                 f"the last good checkpoint is {ckpt_path}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                raw_model.logit_scale.clamp_(args.logit_scale_min, args.logit_scale_max)
+            step += 1
+            samples_since += args.batch_size
+            bar.update(1)
 
-                if step % 10 == 0 or step == total_steps:
-                    if world_size > 1:                    # log the global batch's loss
-                        loss = loss.detach().clone()
-                        dist.all_reduce(loss)
-                        loss /= world_size
-                    record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
-                              "grad_norm": grad_norm.item(),
-                              "logit_scale": raw_model.logit_scale.exp().item(),
-                              "samples_per_s": samples_since / (time.time() - t_last)}
-                    if image_w is not None:
-                        record["active_image"] = (image_w > 0).sum(-1).float().mean().item()
-                        record["active_text"] = (text_w > 0).sum(-1).float().mean().item()
-                    history.append(record)
-                    t_last, samples_since = time.time(), 0
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in
-                                     ("loss", "lr", "logit_scale", "active_image", "samples_per_s") if k in record})
-                epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.eval_every == 0
-                if step == total_steps or epoch_done:
-                    if master:
-                        raw_model.eval()
-                        last_eval = evaluation.evaluate(raw_model, tokenizer, args.data, root, device)
-                        raw_model.train()
-                        history.append({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **last_eval})
-                        bar.write(f"step {step} | " + " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items()))
-                        checkpoint()
-                    if world_size > 1:
-                        dist.barrier()
-                if step == total_steps or interrupted:
-                    break
+            if step % 10 == 0 or step == total_steps:  # logging reads values off the device: a sync
+                if world_size > 1:                    # log the global batch's loss
+                    loss = loss.detach().clone()
+                    dist.all_reduce(loss)
+                    loss /= world_size
+                record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
+                          "lr": lr, "grad_norm": grad_norm.item(), "logit_scale": raw_model.logit_scale.exp().item(),
+                          "samples_per_s": samples_since / (time.time() - t_last)}
+                if image_w is not None:
+                    record["active_image"] = (image_w > 0).sum(-1).float().mean().item()
+                    record["active_text"] = (text_w > 0).sum(-1).float().mean().item()
+                history.append(record)
+                t_last, samples_since = time.time(), 0
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in
+                                 ("loss", "lr", "logit_scale", "active_image", "samples_per_s") if k in record})
+            if step == total_steps or (step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.eval_every == 0):
+                if master:
+                    checkpoint()
+                    last_eval = evaluate()
+                    bar.write(f"step {step} | " + " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items()))
+                if world_size > 1:
+                    dist.barrier()
         if interrupted:
             if master:
                 checkpoint()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,14 +119,33 @@ def test_bad_flags_are_argparse_errors(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_mismatched_resume_names_the_difference(shapes_root, tmp_path):
+def test_mismatched_resume_names_every_difference(shapes_root, tmp_path):
     train.main(flags(shapes_root, tmp_path, "--steps", "1"))
-    with pytest.raises(SystemExit, match="n_fdt: checkpoint 1024 vs now 256"):
-        train.main(flags(shapes_root, tmp_path, "--steps", "2", "--n-fdt", "256", "--resume"))
-    with pytest.raises(SystemExit, match="head: checkpoint 'fdt' vs now 'proj'"):
-        train.main(flags(shapes_root, tmp_path, "--steps", "2", "--model", "clip", "--resume"))
-    with pytest.raises(SystemExit, match="seed: checkpoint 0 vs now 1"):    # another data order: not exact
-        train.main(flags(shapes_root, tmp_path, "--steps", "2", "--seed", "1", "--resume"))
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(shapes_root, tmp_path, "--steps", "1", "--n-fdt", "256", "--seed", "1", "--amp", "bf16",
+                         "--grad-clip", "0.5", "--model", "clip", "--resume"))
+    lines = str(e.value).splitlines()
+    assert lines[0] == "error: cannot resume: the checkpoint was trained with other settings:"
+    assert sorted(line.strip() for line in lines[1:]) == sorted([
+        "model.n_fdt: checkpoint 1024, now 256", "model.head: checkpoint 'fdt', now 'proj'",
+        "seed: checkpoint 0, now 1", "amp: checkpoint 'off', now 'bf16'", "grad_clip: checkpoint 1.0, now 0.5"])
+    other = tmp_path.parent / (tmp_path.name + "-copy")
+    shutil.copytree(shapes_root, other)
+    with pytest.raises(SystemExit, match=r"data_dir: checkpoint .*shapes0', now .*-copy'"):
+        train.main(flags(other, tmp_path, "--steps", "1", "--resume"))
+
+
+def test_extend_a_finished_run_on_purpose(shapes_root, tmp_path):
+    train.main(flags(shapes_root, tmp_path, "--steps", "2"))
+    with pytest.raises(SystemExit, match=r"total_steps: checkpoint 2, now 4 \(pass --extend"):
+        train.main(flags(shapes_root, tmp_path, "--steps", "4", "--resume"))
+    metrics = train.main(flags(shapes_root, tmp_path, "--steps", "4", "--resume", "--extend"))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["settings"]["total_steps"] == 4 and "rsum" in metrics
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]
+    with pytest.raises(SystemExit, match="past the 3 steps"):
+        train.main(flags(shapes_root, tmp_path, "--steps", "3", "--resume", "--extend"))
 
 
 def test_fewer_images_than_a_batch_is_a_clear_error(shapes_root, tmp_path):
