@@ -60,31 +60,41 @@ class Tokenizer:
     """BPE ids -> compact ids. The text embedding table only needs rows for tokens that occur in
     training (tens for shapes, ~15k for COCO, instead of cl100k's 100k)."""
 
-    def __init__(self, bpe_ids: list[int], context_length: int):
+    def __init__(self, bpe_ids: list[int], context_length: int, lowercase: bool = False):
         self.bpe_ids = [int(i) for i in bpe_ids]  # bpe_ids[i] is the tiktoken id of compact id 3 + i
         self.context_length = context_length
+        self.lowercase = lowercase  # as CLIP: "Airplane" and "airplane" are one word
         self.vocab_size = N_SPECIAL + len(self.bpe_ids)
         self.enc = bpe_encoding()
         self._to_compact = np.full(self.enc.n_vocab, UNK, dtype=np.int64)
         self._to_compact[self.bpe_ids] = np.arange(N_SPECIAL, self.vocab_size)
 
     @classmethod
-    def build(cls, texts: Iterable[str], context_length: int) -> "Tokenizer":
+    def build(cls, texts: Iterable[str], context_length: int, lowercase: bool = True) -> "Tokenizer":
         seen = set()
         enc = bpe_encoding()
         for text in texts:
-            seen.update(enc.encode_ordinary(text))
-        return cls(sorted(seen), context_length)  # sorted: the same captions give the same vocabulary
+            seen.update(enc.encode_ordinary(text.lower() if lowercase else text))
+        return cls(sorted(seen), context_length, lowercase)  # sorted: the same captions give the same vocabulary
 
     def encode(self, texts: list[str]) -> torch.LongTensor:
         """(B, context_length): ids, then EOT, then PAD. Long texts are cut so that EOT stays: the
         text tower may read its feature at the EOT position."""
         out = np.full((len(texts), self.context_length), PAD, dtype=np.int64)
         for row, text in zip(out, texts):  # (tiktoken's encode_*_batch is ~10x slower on short texts)
-            ids = self.enc.encode_ordinary(text)[: self.context_length - 1]
+            ids = self.enc.encode_ordinary(text.lower() if self.lowercase else text)[: self.context_length - 1]
             row[: len(ids)] = self._to_compact[ids]
             row[len(ids)] = EOT
         return torch.from_numpy(out)
+
+    def unknown_pieces(self, texts: list[str]) -> list[str]:
+        """The BPE pieces of `texts` that never occurred in training (they all become UNK)."""
+        pieces = set()
+        for text in texts:
+            for i in self.enc.encode_ordinary(text.lower() if self.lowercase else text):
+                if self._to_compact[i] == UNK:
+                    pieces.add(self.enc.decode_single_token_bytes(i).decode("utf-8", "replace"))
+        return sorted(pieces)
 
     def decode_ids(self, ids) -> list[str]:
         """One text piece per compact id (to see which words an FDT token responds to)."""
@@ -97,13 +107,14 @@ class Tokenizer:
     def state_dict(self) -> dict:
         # tensors, ints and strings only, so torch.load(weights_only=True) restores it
         return {"encoding": "cl100k_base", "bpe_ids": torch.tensor(self.bpe_ids, dtype=torch.long),
-                "context_length": self.context_length}
+                "context_length": self.context_length, "lowercase": self.lowercase}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "Tokenizer":
         if state.get("encoding") != "cl100k_base":
             raise ValueError(f"tokenizer state uses encoding {state.get('encoding')!r}, expected 'cl100k_base'")
-        return cls(state["bpe_ids"].tolist(), int(state["context_length"]))
+        # checkpoints written before lower-casing existed kept the case
+        return cls(state["bpe_ids"].tolist(), int(state["context_length"]), bool(state.get("lowercase", False)))
 
 
 # -----------------------------------------------------------------------------
@@ -174,7 +185,7 @@ def _read_coco(ann_file: Path, image_dir: Path) -> tuple[list[Path], list[list[s
 def read_caption_set(ann_file: Path, image_dir: Path, cache: Path, image_size: int) -> CaptionSet:
     """A COCO-format caption file and its images, decoded into the cache at `cache`."""
     files, captions, entries = _read_coco(ann_file, image_dir)
-    return CaptionSet(_cached_images(files, cache, image_size), captions, [str(f) for f in files], entries)
+    return CaptionSet(cached_images(files, cache, image_size), captions, [str(f) for f in files], entries)
 
 
 def _read_karpathy(json_file: Path, root: Path, split: str) -> tuple[list[Path], list[list[str]], list[dict]]:
@@ -230,7 +241,7 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         files, captions, entries = _read_coco(ann_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")
-    images = _cached_images(files, root / "cache" / f"{name}_{image_size}", image_size)
+    images = cached_images(files, root / "cache" / f"{name}_{image_size}", image_size)
     return CaptionSet(images, captions, [str(f) for f in files], entries)
 
 
@@ -300,7 +311,7 @@ def _fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
+def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     """(N, size, size, 3) uint8 memmap of the decoded images at `cache`.npy, (re)built when the
     images or the resolution changed. The array is written under a temporary name and renamed, and
     `cache`.json, which says what it holds, is written after it: a half-written cache is never used."""

@@ -6,6 +6,7 @@
                 sets (by shape, colour, (colour, shape) pair, held-out pairs), CIFAR-10/100, ImageFolder
     binding     shapes: does an image score its caption above the same caption with two colours
                 swapped, a shape replaced, a relation reversed ...? (chance 50 %)
+    sugarcrepe  the same question on COCO val2017 images (SugarCrepe's 7 categories)
     inspect     figures of the FDT at work (Chen et al., CVPR 2023): which tokens an image and a caption
                 activate, which patches and words ground them, which tokens a matched pair shares, and
                 for shapes the concept-by-token matrix: do the same tokens fire for "red" in images and
@@ -14,6 +15,7 @@
     python eval.py retrieval --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py zeroshot --ckpt runs/shapes-fdt-tiny/ckpt.pt --dataset shapes
     python eval.py binding --ckpt runs/shapes-fdt-tiny/ckpt.pt
+    python eval.py sugarcrepe --ckpt CKPT --sugarcrepe-dir sugar-crepe/data --coco-dir data/coco
     python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val --classnames names.txt
     python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red circle"]
 
@@ -23,6 +25,7 @@ train.py calls `evaluate` every --eval-every epochs and at the end. All embeddin
 
 import argparse
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,7 +143,13 @@ TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a o
 
 
 def zeroshot_classifier(model, tokenizer, classnames, templates, device):
-    """(C, D): per class, every template's normalised text embedding, averaged and renormalised."""
+    """(C, D): per class, every template's normalised text embedding, averaged and renormalised.
+    Warns, naming them, about pieces of the class names that training never saw: they become UNK,
+    and classes made only of UNK pieces cannot be told apart."""
+    unknown = tokenizer.unknown_pieces(classnames)
+    if unknown:
+        warnings.warn(f"{len(unknown)} pieces of the class names never occurred in the training captions and "
+                      f"are read as unknown: {', '.join(repr(p) for p in unknown[:20])}", stacklevel=2)
     texts = [t.format(c) for c in classnames for t in templates]
     emb = embed_texts(model, tokenizer, texts, device)                        # (C * T, D)
     return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)  # (C, D)
@@ -238,6 +247,51 @@ def evaluate_binding(model, tokenizer, caption_set, device, image_emb=None):
     return metrics
 
 
+# -----------------------------------------------------------------------------
+# SugarCrepe (Hsieh et al., NeurIPS 2023; github RAIVNLab/sugar-crepe): compositional binding on COCO
+
+SUGARCREPE = ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"]
+SUGARCREPE_URL = "https://github.com/RAIVNLab/sugar-crepe/tree/main/data"
+
+
+def read_sugarcrepe(folder):
+    """category -> list of (image file name, caption, negative caption), from the 7 JSON files
+    {id: {"filename": ..., "caption": ..., "negative_caption": ...}}."""
+    folder = Path(folder)
+    missing = [f"{c}.json" for c in SUGARCREPE if not (folder / f"{c}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no SugarCrepe files {', '.join(missing)} in {folder}: get the 7 JSON files from "
+                                f"{SUGARCREPE_URL} (MIT licence) and put them there")
+    items = {}
+    for category in SUGARCREPE:
+        path = folder / f"{category}.json"
+        entries = data._read_json(path)
+        ok = isinstance(entries, dict) and all(
+            isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("filename", "caption", "negative_caption"))
+            for v in entries.values())
+        if not ok or not entries:
+            raise ValueError(f"{path}: expected {{id: {{\"filename\", \"caption\", \"negative_caption\"}}}} with strings")
+        items[category] = [(v["filename"], v["caption"], v["negative_caption"]) for v in entries.values()]
+    return items
+
+
+def evaluate_sugarcrepe(model, tokenizer, items, image_dir, cache, device):
+    """Per category, the percent of items whose image scores the caption strictly above the
+    negative caption (chance 50 %), and their mean over the categories ("mean")."""
+    files = sorted({f for rows in items.values() for f, _, _ in rows})
+    index = {f: i for i, f in enumerate(files)}
+    images = data.cached_images([Path(image_dir) / f for f in files], Path(cache), model.config.image_size)
+    image_emb = embed_images(model, images, device)                          # (N_images, D)
+    metrics = {}
+    for category, rows in items.items():
+        idx = torch.tensor([index[f] for f, _, _ in rows], device=image_emb.device)
+        true = embed_texts(model, tokenizer, [c for _, c, _ in rows], device)
+        false = embed_texts(model, tokenizer, [n for _, _, n in rows], device)
+        metrics[category] = binding_accuracy(image_emb[idx], true, false)
+    metrics["mean"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
 def image_transform(image_size):
     """PIL image -> uint8 (3, S, S): shorter side resized to S (bicubic), then the centre crop.
     CLIP's evaluation transform, which data.py's image cache follows too (it decodes large JPEGs
@@ -304,11 +358,15 @@ def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, bat
 # evaluation during training
 
 
+EVAL_SPLIT = {"shapes": "val", "coco": "val", "karpathy": "test"}  # the paper's COCO 5k test is Karpathy's
+
+
 def evaluate(model, tokenizer, source, root, device):
-    """Validation retrieval (+ the shapes zero-shot sets when source == "shapes"): one flat dict of
-    floats. `model` is the bare CLIP (not a DDP or compiled wrapper), already on `device`."""
+    """Retrieval on the evaluation split (EVAL_SPLIT; + the shapes zero-shot and binding tests when
+    source == "shapes"): one flat dict of floats. `model` is the bare CLIP (not a DDP or compiled
+    wrapper), already on `device`."""
     size = model.config.image_size
-    val = data.load_split(source, root, "val", size)
+    val = data.load_split(source, root, EVAL_SPLIT[source], size)
     image_emb, image_w = embed_images(model, val.images, device, return_weights=True)
     metrics = evaluate_retrieval(model, tokenizer, val, device, image_emb, image_w)
     if source == "shapes":
@@ -458,6 +516,21 @@ def run_binding(args):
     write_json(Path(args.ckpt).parent / "binding.json", {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
+def run_sugarcrepe(args):
+    ckpt, model, tokenizer = load(args)
+    coco = Path(args.coco_dir)
+    refuse_overlap(ckpt, "coco", coco, "val", args.allow_overlap)   # its images are val2017's
+    with clear_errors():
+        items = read_sugarcrepe(args.sugarcrepe_dir)
+        m = evaluate_sugarcrepe(model, tokenizer, items, coco / "val2017",
+                                coco / "cache" / f"sugarcrepe_{model.config.image_size}", args.device)
+    print("SugarCrepe: image scores the caption above the negative (chance 50 %)")
+    for category in SUGARCREPE + ["mean"]:
+        n = f" ({len(items[category])} items)" if category in items else ""
+        print(f"{category:>12} {m[category]:6.1f}{n}")
+    write_json(Path(args.ckpt).parent / "sugarcrepe.json", {"checkpoint": str(args.ckpt), **m})
+
+
 def run_inspect(args):
     ckpt, model, tokenizer = load(args)
     if model.config.head != "fdt":
@@ -527,6 +600,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
     p = command("binding", run_binding, "shapes: true captions vs swapped / replaced / reversed ones")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p = command("sugarcrepe", run_sugarcrepe, "SugarCrepe compositional benchmark on COCO val2017 images")
+    p.add_argument("--sugarcrepe-dir", required=True, help="folder with add_att.json ... swap_obj.json")
+    p.add_argument("--coco-dir", required=True, help="COCO 2017 root (with val2017/)")
+    p.add_argument("--allow-overlap", action="store_true", help="evaluate a checkpoint trained on val2017 images anyway")
     p = command("inspect", run_inspect, "figures of the FDT tokens an image and a caption activate")
     p.add_argument("--image", default=None, help="an image file")
     p.add_argument("--text", default=None, help="a caption")

@@ -268,7 +268,7 @@ def run(args, device, rank, world_size):
     try:   # missing or unreadable data and checkpoints: the message, not a traceback
         train_set = data.load_split(args.data, root, "train", preset.image_size)
         if master:
-            data.load_split(args.data, root, "val", preset.image_size)
+            data.load_split(args.data, root, evaluation.EVAL_SPLIT[args.data], preset.image_size)
             if args.data == "shapes":
                 shapes.load_zeroshot(root, preset.image_size)
         if args.resume:

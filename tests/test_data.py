@@ -54,8 +54,20 @@ def test_tokenizer_save_restore(tmp_path):
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
     back = Tokenizer.from_state_dict(state)
     texts = ["a star and a circle", "a purple heart"]
-    assert back.vocab_size == tok.vocab_size and back.context_length == 12
+    assert back.vocab_size == tok.vocab_size and back.context_length == 12 and back.lowercase
     assert torch.equal(back.encode(texts), tok.encode(texts))
+    old = {k: v for k, v in state.items() if k != "lowercase"}          # a checkpoint from before lower-casing
+    assert not Tokenizer.from_state_dict(old).lowercase
+
+
+def test_tokenizer_lowercases_like_clip_and_names_unknown_pieces():
+    tok = Tokenizer.build(["A Red Star", "an airplane"], context_length=8)
+    assert torch.equal(tok.encode(["Airplane"]), tok.encode(["airplane"]))
+    assert UNK not in tok.encode(["AN AIRPLANE", "a red star"]).flatten().tolist()
+    assert tok.unknown_pieces(["A red STAR", "zebra crossing"]) == sorted(
+        {tok.enc.decode_single_token_bytes(i).decode() for i in tok.enc.encode_ordinary("zebra crossing")})
+    cased = Tokenizer.build(["A Red Star"], context_length=8, lowercase=False)
+    assert UNK in cased.encode(["a red star"]).flatten().tolist()
 
 
 # -----------------------------------------------------------------------------

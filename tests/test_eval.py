@@ -374,3 +374,47 @@ def test_foreign_and_newer_checkpoints_and_projection_head(trained, tmp_path):
         evaluation.main(["inspect", "--ckpt", str(garbage)])
     with pytest.raises(SystemExit, match="no FDT tokens"):
         evaluation.main(["inspect", "--ckpt", str(trained["proj_ckpt"]), "--device", "cpu"])
+
+
+# -----------------------------------------------------------------------------
+# SugarCrepe, on a small fixture in its exact format
+
+
+def test_sugarcrepe_against_a_brute_force_count(trained, tmp_path, capsys):
+    zs = shapes.load_zeroshot(trained["root"], 32)
+    coco = tmp_path / "coco"
+    (coco / "val2017").mkdir(parents=True)
+    names = []
+    for i in range(6):
+        names.append(f"{i:012d}.jpg")
+        Image.fromarray(zs["images"][i * 10].permute(1, 2, 0).numpy()).save(coco / "val2017" / names[-1], quality=95)
+    folder = tmp_path / "sugarcrepe"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    colours = shapes.COLOURS
+    for category in evaluation.SUGARCREPE:
+        items = {str(k): {"filename": names[g.integers(6)], "caption": f"a {colours[g.integers(8)]} circle",
+                          "negative_caption": f"a {colours[g.integers(8)]} star"} for k in range(5)}
+        (folder / f"{category}.json").write_text(json.dumps(items))
+    evaluation.main(["sugarcrepe", "--ckpt", str(trained["ckpt"]), "--sugarcrepe-dir", str(folder),
+                     "--coco-dir", str(coco), "--device", "cpu"])
+    saved = json.loads((trained["ckpt"].parent / "sugarcrepe.json").read_text())
+    model, tokenizer = trained["model"], trained["tokenizer"]
+    transform = evaluation.image_transform(32)
+    means = []
+    for category in evaluation.SUGARCREPE:
+        wins = 0
+        items = json.loads((folder / f"{category}.json").read_text())
+        for item in items.values():                                    # one item at a time
+            with Image.open(coco / "val2017" / item["filename"]) as im:
+                image = evaluation.embed_images(model, transform(im.convert("RGB"))[None], "cpu")[0]
+            t, n = evaluation.embed_texts(model, tokenizer, [item["caption"], item["negative_caption"]], "cpu")
+            wins += float(image @ t) > float(image @ n)
+        assert saved[category] == pytest.approx(100 * wins / len(items), abs=1e-4), category
+        means.append(100 * wins / len(items))
+    assert saved["mean"] == pytest.approx(sum(means) / len(means))
+    assert "swap_obj" in capsys.readouterr().out
+    (folder / "swap_att.json").unlink()
+    with pytest.raises(SystemExit, match="no SugarCrepe files swap_att.json .*RAIVNLab/sugar-crepe"):
+        evaluation.main(["sugarcrepe", "--ckpt", str(trained["ckpt"]), "--sugarcrepe-dir", str(folder),
+                         "--coco-dir", str(coco), "--device", "cpu"])

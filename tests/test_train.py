@@ -14,6 +14,7 @@ import torch
 import data
 import shapes
 import train
+from model import CLIP, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6  # 192 train images / batch 32
@@ -163,3 +164,44 @@ def test_lr_schedule():
     assert train.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert train.lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
     assert train.lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_paper_recipe_is_the_official_configuration():
+    args = train.parse_args(["--recipe", "paper"])
+    official = {"preset": "base", "epochs": 32, "batch_size": 1024, "lr": 1e-3, "warmup": 2500, "warmup_from": 1e-4,
+                "grad_clip": 0.0, "logit_scale_min": 3.0, "logit_scale_max": 6.0, "freeze_patch_embed": True,
+                "augment": "mocov2", "amp": "off", "fdt_temperature": 1000.0, "weight_decay": 0.1}
+    assert {k: getattr(args, k) for k in official} == official
+    assert args.logit_scale_init == pytest.approx(1 / 0.07)
+    assert train.parse_args(["--recipe", "paper", "--batch-size", "256"]).batch_size == 256   # a flag wins
+    ours = train.parse_args([])
+    assert (ours.preset, ours.augment, ours.grad_clip, ours.warmup_from) == ("tiny", "none", 1.0, 0.0)
+
+
+def test_warmup_from_a_start_lr():
+    assert train.lr_at(0, 86560, 2500, 1e-3, 1e-4) == pytest.approx(1e-4 + 9e-4 / 2500)
+    assert train.lr_at(1249, 86560, 2500, 1e-3, 1e-4) == pytest.approx(1e-4 + 9e-4 * 0.5)
+    assert train.lr_at(2499, 86560, 2500, 1e-3, 1e-4) == pytest.approx(1e-3)
+    assert train.lr_at(86560, 86560, 2500, 1e-3, 1e-4) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_recipe_mechanics_frozen_stem_clamp_and_no_clipping(shapes_root, tmp_path, monkeypatch):
+    max_norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    def recording_clip(params, max_norm, *args, **kwargs):
+        max_norms.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    train.main(flags(shapes_root, tmp_path, "--steps", "2", "--freeze-patch-embed", "--grad-clip", "0",
+                     "--logit-scale-init", "50", "--logit-scale-min", "3", "--logit-scale-max", "3.5",
+                     "--augment", "mocov2"))
+    assert max_norms == [float("inf")] * 2                                # no gradient clipping
+    trained = weights(tmp_path)
+    assert 3.45 < trained["logit_scale"].item() <= 3.5                   # ln 50 = 3.9, clamped at 3.5
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.manual_seed(0)                                                  # the run's initial weights
+    
+    fresh = CLIP(config_from_dict(ckpt["model_config"])).state_dict()
+    stem = [k for k in trained if k.startswith("visual.patch_embed")]
+    assert stem and all(torch.equal(trained[k], fresh[k]) for k in stem)  # frozen at its initialisation
+    assert not torch.equal(trained["visual.pos"], fresh["visual.pos"])    # the rest trains
