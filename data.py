@@ -9,7 +9,7 @@ COCO):
                          seen in the training captions (0 = pad, 1 = unknown, 2 = end of text)
     load_split           "shapes" | "coco" | "karpathy" -> CaptionSet (uint8 images + captions)
     TrainLoader          random caption per image, batches read from the cache (no decoding)
-    preprocess, augment  uint8 batches -> normalised float, random resized crop on the device
+    preprocess           uint8 batches -> normalised float (augment.py: the same with augmentation)
 
 Images are decoded once per (split, resolution) into a uint8 memmap next to the captions (as
 nanoGPT does with tokens), so training never waits for JPEG decoding.
@@ -18,7 +18,6 @@ nanoGPT does with tokens), so training never waits for JPEG decoding.
 import functools
 import hashlib
 import json
-import math
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,6 @@ from typing import Iterable, Iterator
 import numpy as np
 import tiktoken
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -419,7 +417,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP clip/clip.py _tra
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def normalise(x: torch.Tensor) -> torch.Tensor:
     """float (B, 3, S, S) in [0, 1] -> normalised with CLIP's mean and std."""
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
@@ -428,78 +426,4 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 normalised with CLIP's mean and std, on the same device."""
-    return _normalise(images.float() / 255)
-
-
-def _resized_crop(x: torch.Tensor, u: torch.Tensor, scale, ratio, flip=None) -> torch.Tensor:
-    """A random resized crop per image of a float batch (B, 3, H, W), from uniforms u (B, 4):
-    area fraction in `scale`, aspect ratio in `ratio`, x and y of the crop; flip (B,) bool mirrors."""
-    B, _, H, W = x.shape
-    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
-    w = (area * aspect).sqrt().clamp(max=1)  # crop size as a fraction of the image
-    h = (area / aspect).sqrt().clamp(max=1)
-    theta = torch.zeros(B, 2, 3)             # output [-1, 1] -> input [centre - w, centre + w]
-    theta[:, 0, 0] = w if flip is None else torch.where(flip, -w, w)  # negative: mirrored
-    theta[:, 1, 1] = h
-    theta[:, 0, 2] = (1 - w) * (2 * u[:, 2] - 1)  # the crop stays inside the image
-    theta[:, 1, 2] = (1 - h) * (2 * u[:, 3] - 1)
-    grid = F.affine_grid(theta.to(x.device), [B, 3, H, W], align_corners=False)  # (B, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def augment(images: torch.Tensor, u: torch.Tensor,
-            scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float32 normalised, a random resized crop per image (area fraction in
-    `scale`, aspect ratio in `ratio`), batched on the images' device. Never flipped: captions say
-    left and right. u: (B, 4) uniforms in [0, 1) on the CPU, one row per image (area, aspect, x, y);
-    they are drawn by the caller so that each DDP process can draw the global batch's rows from one
-    seed and keep its own slice, and a resumed run redraws the same crops."""
-    return _resized_crop(preprocess(images), u, scale, ratio)
-
-
-MOCOV2_DRAWS = 13  # uniforms per image that augment_mocov2 reads
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) luma (ITU-R 601, as torchvision's rgb_to_grayscale)."""
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def augment_mocov2(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float32 normalised, with MoCo v2's augmentation (Chen et al. 2020, the
-    official FDT recipe), batched: a random resized crop (area 0.2-1), with probability 0.8 a colour
-    jitter (brightness, contrast, saturation 0.4, hue 0.1; applied in that order, where torchvision
-    shuffles it), grayscale with probability 0.2, a Gaussian blur (sigma 0.1-2, kernel 10 % of the
-    image) with probability 0.5, and a horizontal flip with probability 0.5. u: (B, MOCOV2_DRAWS)
-    uniforms in [0, 1) on the CPU, drawn by the caller as for `augment`."""
-    B, _, H, W = images.shape
-    u = u.to(images.device)
-    x = _resized_crop(images.float() / 255, u[:, :4].cpu(), (0.2, 1.0), (3 / 4, 4 / 3), flip=u[:, 4].cpu() < 0.5)
-    per_image = lambda v: v.view(B, 1, 1, 1)  # noqa: E731  (B,) -> (B, 1, 1, 1)
-    b, c, s = (per_image(1 + 0.4 * (2 * u[:, k] - 1)) for k in (6, 7, 8))
-    hue = 2 * math.pi * 0.1 * (2 * u[:, 9] - 1)                              # (B,) radians
-    y = (x * b).clamp(0, 1)
-    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)                         # (B, 1, 1, 1)
-    y = ((y - mean) * c + mean).clamp(0, 1)
-    g = _gray(y)
-    y = ((y - g) * s + g).clamp(0, 1)
-    # hue: a rotation of the chroma plane of YIQ (an approximation of torchvision's HSV shift)
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
-    cos, sin = hue.cos(), hue.sin()
-    rotate = torch.zeros(B, 3, 3, device=x.device)
-    rotate[:, 0, 0], rotate[:, 1, 1], rotate[:, 1, 2], rotate[:, 2, 1], rotate[:, 2, 2] = 1, cos, -sin, sin, cos
-    mix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq                          # (B, 3, 3) RGB -> RGB
-    y = torch.einsum("bij,bjhw->bihw", mix, y).clamp(0, 1)
-    x = torch.where(per_image(u[:, 5] < 0.8), y, x)
-    x = torch.where(per_image(u[:, 10] < 0.2), _gray(x).expand(-1, 3, -1, -1), x)
-    sigma = 0.1 + 1.9 * u[:, 12]                                              # (B,)
-    radius = max(1, round(0.05 * H))
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (k,)
-    kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))     # (B, k)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)  # (3B, k), one per channel
-    flat = x.reshape(1, 3 * B, H, W)                                          # images as channels: one grouped conv
-    blurred = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=3 * B)
-    blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=3 * B)
-    x = torch.where(per_image(u[:, 11] < 0.5), blurred.view(B, 3, H, W), x)
-    return _normalise(x)
+    return normalise(images.float() / 255)

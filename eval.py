@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import benchmarks
 import data
 import figures
 import shapes
@@ -248,32 +249,7 @@ def evaluate_binding(model, tokenizer, caption_set, device, image_emb=None):
 
 
 # -----------------------------------------------------------------------------
-# SugarCrepe (Hsieh et al., NeurIPS 2023; github RAIVNLab/sugar-crepe): compositional binding on COCO
-
-SUGARCREPE = ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"]
-SUGARCREPE_URL = "https://github.com/RAIVNLab/sugar-crepe/tree/main/data"
-
-
-def read_sugarcrepe(folder):
-    """category -> list of (image file name, caption, negative caption), from the 7 JSON files
-    {id: {"filename": ..., "caption": ..., "negative_caption": ...}}."""
-    folder = Path(folder)
-    missing = [f"{c}.json" for c in SUGARCREPE if not (folder / f"{c}.json").exists()]
-    if missing:
-        raise FileNotFoundError(f"no SugarCrepe files {', '.join(missing)} in {folder}: get the 7 JSON files from "
-                                f"{SUGARCREPE_URL} (MIT licence) and put them there")
-    items = {}
-    for category in SUGARCREPE:
-        path = folder / f"{category}.json"
-        entries = data._read_json(path)
-        ok = isinstance(entries, dict) and all(
-            isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("filename", "caption", "negative_caption"))
-            for v in entries.values())
-        if not ok or not entries:
-            raise ValueError(f"{path}: expected {{id: {{\"filename\", \"caption\", \"negative_caption\"}}}} with strings")
-        items[category] = [(v["filename"], v["caption"], v["negative_caption"]) for v in entries.values()]
-    return items
-
+# SugarCrepe (Hsieh et al., NeurIPS 2023): compositional binding on COCO images
 
 def evaluate_sugarcrepe(model, tokenizer, items, image_dir, cache, device):
     """Per category, the percent of items whose image scores the caption strictly above the
@@ -290,57 +266,6 @@ def evaluate_sugarcrepe(model, tokenizer, items, image_dir, cache, device):
         metrics[category] = binding_accuracy(image_emb[idx], true, false)
     metrics["mean"] = sum(metrics.values()) / len(metrics)
     return metrics
-
-
-def image_transform(image_size):
-    """PIL image -> uint8 (3, S, S): shorter side resized to S (bicubic), then the centre crop.
-    CLIP's evaluation transform, which data.py's image cache follows too (it decodes large JPEGs
-    at a reduced scale first, so its pixels can differ slightly)."""
-    import torchvision.transforms as T
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.PILToTensor()])
-
-
-CIFAR_FOLDERS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batches-py"),
-                 "cifar100": ("CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python")}
-
-
-def zeroshot_dataset(name, root, image_size, classnames_file=None):
-    """-> (dataset of (uint8 (3, S, S), label), class names). name: cifar10 | cifar100 | imagefolder.
-    ImageFolder class names are the sorted folder names, or the lines of `classnames_file` in that
-    order (an ImageNet validation set is sorted into synset folders like n01440764)."""
-    import torchvision
-    root = Path(root)
-    transform = image_transform(image_size)
-    if name in CIFAR_FOLDERS:
-        cls_name, archive, folder = CIFAR_FOLDERS[name]
-        cls = getattr(torchvision.datasets, cls_name)
-        try:  # finds a verified copy in root first; downloads only when there is none
-            dataset = cls(root, train=False, transform=transform, download=True)
-        except Exception as e:  # no network, a proxy, a truncated file
-            raise SystemExit(f"cannot get {name} into {root}/ ({type(e).__name__}: {e}).\nWithout network: "
-                             f"download {cls.url} elsewhere and put {archive} (or its extracted "
-                             f"{folder}/ folder) in {root}/") from None
-        classnames = dataset.classes
-    elif name == "imagefolder":
-        how = (f"put one sub-folder per class in {root}/, holding that class's images "
-               f"({root}/<class>/<image>.jpg); with folder names that are not words (ImageNet's "
-               f"n01440764 ...) pass --classnames FILE, one name per line in sorted-folder order")
-        if not root.is_dir():
-            raise SystemExit(f"no image folder at {root}: {how}")
-        try:
-            dataset = torchvision.datasets.ImageFolder(root, transform=transform)
-        except FileNotFoundError as e:  # no class folders, or a class folder without images
-            raise SystemExit(f"{e}: {how}") from None
-        classnames = dataset.classes
-        if classnames_file:
-            classnames = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
-            if len(classnames) != len(dataset.classes):
-                raise SystemExit(f"{classnames_file} has {len(classnames)} names but {root} has "
-                                 f"{len(dataset.classes)} class folders")
-    else:
-        raise ValueError(f"unknown zero-shot dataset {name!r}")
-    return dataset, [c.replace("_", " ") for c in classnames]  # "aquarium_fish" -> "aquarium fish"
 
 
 def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, batch_size=256, workers=0):
@@ -491,7 +416,7 @@ def run_zeroshot(args):
             raise SystemExit("--dataset imagefolder needs --data-dir: the folder with one sub-folder per class")
         root = Path(args.data_dir or f"data/{args.dataset}")
         with clear_errors():  # e.g. no --classnames file
-            dataset, classnames = zeroshot_dataset(args.dataset, root, size, args.classnames)
+            dataset, classnames = benchmarks.zeroshot_dataset(args.dataset, root, size, args.classnames)
         acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device, workers=args.workers)
         rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)": (acc["top1"], acc["top5"])}
         m = {"zs_top1": acc["top1"], "zs_top5": acc["top5"], "classes": classnames}
@@ -521,11 +446,11 @@ def run_sugarcrepe(args):
     coco = Path(args.coco_dir)
     refuse_overlap(ckpt, "coco", coco, "val", args.allow_overlap)   # its images are val2017's
     with clear_errors():
-        items = read_sugarcrepe(args.sugarcrepe_dir)
+        items = benchmarks.read_sugarcrepe(args.sugarcrepe_dir)
         m = evaluate_sugarcrepe(model, tokenizer, items, coco / "val2017",
                                 coco / "cache" / f"sugarcrepe_{model.config.image_size}", args.device)
     print("SugarCrepe: image scores the caption above the negative (chance 50 %)")
-    for category in SUGARCREPE + ["mean"]:
+    for category in benchmarks.SUGARCREPE + ["mean"]:
         n = f" ({len(items[category])} items)" if category in items else ""
         print(f"{category:>12} {m[category]:6.1f}{n}")
     write_json(Path(args.ckpt).parent / "sugarcrepe.json", {"checkpoint": str(args.ckpt), **m})
@@ -545,7 +470,7 @@ def run_inspect(args):
         if args.image:
             try:
                 with Image.open(args.image) as im:
-                    image = image_transform(size)(im.convert("RGB"))
+                    image = benchmarks.image_transform(size)(im.convert("RGB"))
             except OSError as e:  # missing, a folder, or not an image PIL can read
                 raise SystemExit(f"error: cannot read {args.image} as an image ({e})") from None
         examples.append(("", image, args.text))

@@ -30,6 +30,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment as augmentation
 import data
 import eval as evaluation
 import figures
@@ -160,8 +161,8 @@ def augment(images, args, step, local):
         return data.preprocess(images)
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     if args.augment == "crop":
-        return data.augment(images, torch.rand(args.batch_size, 4, generator=g)[local])
-    return data.augment_mocov2(images, torch.rand(args.batch_size, data.MOCOV2_DRAWS, generator=g)[local])
+        return augmentation.crop(images, torch.rand(args.batch_size, 4, generator=g)[local])
+    return augmentation.mocov2(images, torch.rand(args.batch_size, augmentation.MOCOV2_DRAWS, generator=g)[local])
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+import augment
 import data
 from data import EOT, PAD, UNK, CaptionSet, Tokenizer
 
@@ -241,12 +242,33 @@ def test_preprocess_and_augment():
     mean, std = torch.tensor(data.CLIP_MEAN), torch.tensor(data.CLIP_STD)
     assert torch.allclose(x[0, :, 0, 0], (torch.tensor([1.0, 0, 0]) - mean) / std)
     u = torch.rand(6, 4, generator=torch.Generator().manual_seed(0))
-    identity = data.augment(images, u, scale=(1, 1), ratio=(1, 1))
+    identity = augment.crop(images, u, scale=(1, 1), ratio=(1, 1))
     assert torch.allclose(identity, x, atol=1e-5)
-    y = data.augment(images, u)
+    y = augment.crop(images, u)
     assert y.shape == (6, 3, 16, 16) and y.dtype == torch.float32
-    assert torch.equal(y[2:4], data.augment(images[2:4], u[2:4]))   # a row's crop depends on its draws only
+    assert torch.equal(y[2:4], augment.crop(images[2:4], u[2:4]))   # a row's crop depends on its draws only
     assert not torch.allclose(y[0], y[1])                      # each image gets its own crop
     red, blue = x[0, :, 0, 0], x[0, :, 0, 15]
     assert torch.allclose(y[:, :, :, 0], red[None, :, None].expand(6, 3, 16), atol=1e-5)    # never flipped
     assert torch.allclose(y[:, :, :, -1], blue[None, :, None].expand(6, 3, 16), atol=1e-5)
+
+
+def test_mocov2_switches_and_rows():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
+    off = torch.full((4, augment.MOCOV2_DRAWS), 0.9)                    # no jitter, grayscale, blur, flip
+    off[:, :4] = torch.tensor([1.0, 0.5, 0.5, 0.5])                     # the whole image, square
+    torch.testing.assert_close(augment.mocov2(images, off), data.preprocess(images), atol=1e-4, rtol=0)
+    flip = off.clone()
+    flip[:, 4] = 0.1
+    torch.testing.assert_close(augment.mocov2(images, flip), data.preprocess(images).flip(-1), atol=1e-4, rtol=0)
+    gray = off.clone()
+    gray[:, 10] = 0.1
+    x = augment.mocov2(images, gray) * torch.tensor(data.CLIP_STD).view(1, 3, 1, 1) + \
+        torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)                   # back to [0, 1]
+    torch.testing.assert_close(x[:, 0], x[:, 1], atol=1e-5, rtol=0)
+    blur = off.clone()
+    blur[:, 11], blur[:, 12] = 0.1, 1.0                                 # sigma 2: smoother
+    assert augment.mocov2(images, blur).diff(dim=-1).abs().mean() < data.preprocess(images).diff(dim=-1).abs().mean() / 2
+    u = torch.rand(4, augment.MOCOV2_DRAWS, generator=g)
+    assert torch.equal(augment.mocov2(images, u)[1:3], augment.mocov2(images[1:3], u[1:3]))  # per-row draws

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmarks
 import data
 import eval as evaluation
 import shapes
@@ -296,11 +297,11 @@ def test_classnames_file(trained, image_folder, tmp_path):
     folder, classes, _, _ = image_folder
     names = tmp_path / "names.txt"
     names.write_text("".join(f"{c} circle\n" for c in classes))
-    _, got = evaluation.zeroshot_dataset("imagefolder", folder, 32, names)
+    _, got = benchmarks.zeroshot_dataset("imagefolder", folder, 32, names)
     assert got == [f"{c} circle" for c in classes]
     names.write_text("red\nblue\n")
     with pytest.raises(SystemExit, match="2 names but .* has 4 class folders"):
-        evaluation.zeroshot_dataset("imagefolder", folder, 32, names)
+        benchmarks.zeroshot_dataset("imagefolder", folder, 32, names)
 
 
 def test_missing_datasets_say_what_to_put_where(trained, tmp_path, monkeypatch):
@@ -392,7 +393,7 @@ def test_sugarcrepe_against_a_brute_force_count(trained, tmp_path, capsys):
     folder.mkdir()
     g = np.random.default_rng(0)
     colours = shapes.COLOURS
-    for category in evaluation.SUGARCREPE:
+    for category in benchmarks.SUGARCREPE:
         items = {str(k): {"filename": names[g.integers(6)], "caption": f"a {colours[g.integers(8)]} circle",
                           "negative_caption": f"a {colours[g.integers(8)]} star"} for k in range(5)}
         (folder / f"{category}.json").write_text(json.dumps(items))
@@ -400,9 +401,9 @@ def test_sugarcrepe_against_a_brute_force_count(trained, tmp_path, capsys):
                      "--coco-dir", str(coco), "--device", "cpu"])
     saved = json.loads((trained["ckpt"].parent / "sugarcrepe.json").read_text())
     model, tokenizer = trained["model"], trained["tokenizer"]
-    transform = evaluation.image_transform(32)
+    transform = benchmarks.image_transform(32)
     means = []
-    for category in evaluation.SUGARCREPE:
+    for category in benchmarks.SUGARCREPE:
         wins = 0
         items = json.loads((folder / f"{category}.json").read_text())
         for item in items.values():                                    # one item at a time

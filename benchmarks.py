@@ -1,0 +1,87 @@
+"""Readers for evaluation sets from outside this project: CIFAR-10/100 and ImageFolder trees for
+zero-shot classification, and SugarCrepe's compositional caption pairs on COCO val2017 images.
+Each gives a clear message saying what to put where when its files are missing. eval.py runs the
+models on them.
+"""
+
+from pathlib import Path
+
+import data
+
+def image_transform(image_size):
+    """PIL image -> uint8 (3, S, S): shorter side resized to S (bicubic), then the centre crop.
+    CLIP's evaluation transform, which data.py's image cache follows too (it decodes large JPEGs
+    at a reduced scale first, so its pixels can differ slightly)."""
+    import torchvision.transforms as T
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.PILToTensor()])
+
+
+CIFAR_FOLDERS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batches-py"),
+                 "cifar100": ("CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python")}
+
+
+def zeroshot_dataset(name, root, image_size, classnames_file=None):
+    """-> (dataset of (uint8 (3, S, S), label), class names). name: cifar10 | cifar100 | imagefolder.
+    ImageFolder class names are the sorted folder names, or the lines of `classnames_file` in that
+    order (an ImageNet validation set is sorted into synset folders like n01440764)."""
+    import torchvision
+    root = Path(root)
+    transform = image_transform(image_size)
+    if name in CIFAR_FOLDERS:
+        cls_name, archive, folder = CIFAR_FOLDERS[name]
+        cls = getattr(torchvision.datasets, cls_name)
+        try:  # finds a verified copy in root first; downloads only when there is none
+            dataset = cls(root, train=False, transform=transform, download=True)
+        except Exception as e:  # no network, a proxy, a truncated file
+            raise SystemExit(f"cannot get {name} into {root}/ ({type(e).__name__}: {e}).\nWithout network: "
+                             f"download {cls.url} elsewhere and put {archive} (or its extracted "
+                             f"{folder}/ folder) in {root}/") from None
+        classnames = dataset.classes
+    elif name == "imagefolder":
+        how = (f"put one sub-folder per class in {root}/, holding that class's images "
+               f"({root}/<class>/<image>.jpg); with folder names that are not words (ImageNet's "
+               f"n01440764 ...) pass --classnames FILE, one name per line in sorted-folder order")
+        if not root.is_dir():
+            raise SystemExit(f"no image folder at {root}: {how}")
+        try:
+            dataset = torchvision.datasets.ImageFolder(root, transform=transform)
+        except FileNotFoundError as e:  # no class folders, or a class folder without images
+            raise SystemExit(f"{e}: {how}") from None
+        classnames = dataset.classes
+        if classnames_file:
+            classnames = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
+            if len(classnames) != len(dataset.classes):
+                raise SystemExit(f"{classnames_file} has {len(classnames)} names but {root} has "
+                                 f"{len(dataset.classes)} class folders")
+    else:
+        raise ValueError(f"unknown zero-shot dataset {name!r}")
+    return dataset, [c.replace("_", " ") for c in classnames]  # "aquarium_fish" -> "aquarium fish"
+
+
+
+# SugarCrepe (Hsieh et al., NeurIPS 2023; github RAIVNLab/sugar-crepe, MIT licence)
+
+SUGARCREPE = ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"]
+SUGARCREPE_URL = "https://github.com/RAIVNLab/sugar-crepe/tree/main/data"
+
+
+def read_sugarcrepe(folder):
+    """category -> list of (image file name, caption, negative caption), from the 7 JSON files
+    {id: {"filename": ..., "caption": ..., "negative_caption": ...}}."""
+    folder = Path(folder)
+    missing = [f"{c}.json" for c in SUGARCREPE if not (folder / f"{c}.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"no SugarCrepe files {', '.join(missing)} in {folder}: get the 7 JSON files from "
+                                f"{SUGARCREPE_URL} (MIT licence) and put them there")
+    items = {}
+    for category in SUGARCREPE:
+        path = folder / f"{category}.json"
+        entries = data._read_json(path)
+        ok = isinstance(entries, dict) and all(
+            isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("filename", "caption", "negative_caption"))
+            for v in entries.values())
+        if not ok or not entries:
+            raise ValueError(f"{path}: expected {{id: {{\"filename\", \"caption\", \"negative_caption\"}}}} with strings")
+        items[category] = [(v["filename"], v["caption"], v["negative_caption"]) for v in entries.values()]
+    return items
