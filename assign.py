@@ -13,8 +13,9 @@ method). The graders are the tests that fail on the stubbed copy and pass on the
 by `--verify`, written down in ASSIGNMENTS below, rerun by `--grade`.
 
 A function used by others fails their tests too: stubbing `fdt.FDT.forward` stops the whole model,
-so that assignment's graders include training end to end. A student's copy passes the whole suite
-exactly when every handed-out function is right.
+so that assignment's graders include training end to end. Once every handed-out function is right,
+the whole suite passes again. `--grade` runs the tests as they are in the submission's folder: copy
+tests/ over from the reference first if students could have edited them.
 """
 
 import argparse
@@ -33,10 +34,13 @@ REPO = Path(__file__).resolve().parent
 
 # Tests that stop when anything the model or the training loop needs is missing: a stubbed piece on
 # that path fails them too, so they are among its graders.
-TRAINING = ["tests/test_train.py::test_ddp_two_processes_equal_one",
-            "tests/test_train.py::test_mismatched_resume_names_the_difference",
+TRAINING = ["tests/test_train.py::test_ddp_two_processes_equal_one",          # FDT runs of train.py, evaluated;
+            "tests/test_train.py::test_extend_a_finished_run_on_purpose",     # test_end_to_end has both heads
+            "tests/test_train.py::test_mismatched_resume_names_every_difference",
             "tests/test_train.py::test_non_finite_loss_stops_and_keeps_last_good_checkpoint",
-            "tests/test_train.py::test_resume_after_ctrl_c_is_exact"]       # FDT runs; test_end_to_end has both heads
+            "tests/test_train.py::test_resume_after_ctrl_c_is_exact",
+            "tests/test_faults.py::test_second_run_on_the_same_folder_refused"]
+TRAINING_NO_EVAL = ["tests/test_faults.py::test_evaluation_error_keeps_the_checkpoint"]  # trains; eval fails on purpose
 TRAINED_MODEL = [f"tests/test_eval.py::{t}" for t in (                         # every user of the `trained` fixture
     "test_binding_tests_and_cli", "test_classifier_is_the_normalised_template_mean", "test_classnames_file",
     "test_evaluate_and_retrieval_cli", "test_foreign_and_newer_checkpoints_and_projection_head",
@@ -71,8 +75,10 @@ ASSIGNMENTS = {
                           "test_sparsemax_gradcheck_float64", "test_sparsemax_backward_matches_jacobian",
                           "test_fast_sparsemax_matches_sort_reference", "test_fast_sparsemax_support_sizes_around_k",
                           "test_fast_sparsemax_dtypes", "test_fdt_forward_matches_plain_composite[sparsemax]")
-        + FDT_LAYER + ["tests/test_graders.py::test_sparsemax_gradient_is_the_jacobian_product"]
-        + FDT_MODEL + TRAINED_MODEL + TRAINING + ["tests/test_train.py::test_end_to_end[fdt]"] + BENCH,
+        + FDT_LAYER + ["tests/test_graders.py::test_sparsemax_gradient_is_the_jacobian_product",
+                       "tests/test_faults.py::test_sparsemax_rows_without_a_finite_entry_are_a_clear_error"]
+        + FDT_MODEL + TRAINED_MODEL + TRAINING + TRAINING_NO_EVAL + ["tests/test_train.py::test_end_to_end[fdt]"]
+        + BENCH,
         minutes=45,
     ),
     "sparsemax-backward": dict(
@@ -84,7 +90,7 @@ ASSIGNMENTS = {
                           "test_fdt_gradients_flow_to_tokens_and_queries", "test_fdt_under_bfloat16_autocast")
         + ["tests/test_graders.py::test_sparsemax_gradient_is_the_jacobian_product",
            "tests/test_model.py::test_a_few_steps_lower_the_loss[fdt]"]
-        + TRAINED_MODEL + TRAINING + ["tests/test_train.py::test_end_to_end[fdt]"] + BENCH,
+        + TRAINED_MODEL + TRAINING + TRAINING_NO_EVAL + ["tests/test_train.py::test_end_to_end[fdt]"] + BENCH,
         minutes=30,
     ),
     "fdt-pooling": dict(
@@ -95,7 +101,8 @@ ASSIGNMENTS = {
         graders=FDT_LAYER + fdt_tests("test_fdt_forward_matches_plain_composite",
                                       "test_fdt_softmax_mode_is_dense_and_normalised",
                                       "test_max_pooled_relevance_matches_plain_autograd")
-        + ["tests/test_bench.py::test_quick_run_prints_every_row"],
+        + ["tests/test_faults.py::test_fp16_overflow_of_relevances_is_not_silent",
+           "tests/test_bench.py::test_quick_run_prints_every_row"],
         minutes=20,
     ),
     "fdt-layer": dict(
@@ -103,7 +110,10 @@ ASSIGNMENTS = {
         functions=["fdt.py:FDT.forward", "fdt.py:FDT.activate"],
         graders=FDT_LAYER + fdt_tests("test_fdt_forward_matches_plain_composite",
                                       "test_fdt_softmax_mode_is_dense_and_normalised")
-        + FDT_MODEL + TRAINED_MODEL + TRAINING + ["tests/test_train.py::test_end_to_end[fdt]"] + BENCH,
+        + ["tests/test_faults.py::test_fdt_all_padding_row_is_a_clear_error",
+           "tests/test_faults.py::test_fp16_overflow_of_relevances_is_not_silent"]
+        + FDT_MODEL + TRAINED_MODEL + TRAINING + TRAINING_NO_EVAL + ["tests/test_train.py::test_end_to_end[fdt]"]
+        + BENCH,
         minutes=20,
     ),
     "contrastive-loss": dict(
@@ -114,7 +124,7 @@ ASSIGNMENTS = {
                  "tests/test_model.py::test_contrastive_loss_matches_by_hand",
                  "tests/test_model.py::test_loss_at_init_near_log_batch",
                  "tests/test_model.py::test_a_few_steps_lower_the_loss"]
-        + TRAINED_MODEL + TRAINING + ["tests/test_train.py::test_end_to_end"] + BENCH,
+        + TRAINED_MODEL + TRAINING + TRAINING_NO_EVAL + ["tests/test_train.py::test_end_to_end"] + BENCH,
         minutes=30,
     ),
     "retrieval-recall": dict(
@@ -134,7 +144,7 @@ ASSIGNMENTS = {
         graders=["tests/test_graders.py::test_lr_warmup_is_linear_and_reaches_peak_on_its_last_step",
                  "tests/test_graders.py::test_lr_cosine_shape_and_zero_at_the_end",
                  "tests/test_train.py::test_lr_schedule"]
-        + TRAINING + ["tests/test_train.py::test_end_to_end"],
+        + TRAINING + TRAINING_NO_EVAL + ["tests/test_train.py::test_end_to_end"],
         minutes=15,
     ),
     "zeroshot-classifier": dict(

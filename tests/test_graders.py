@@ -13,7 +13,7 @@ import eval as evaluation
 import train
 from data import EOT, PAD
 from fdt import sparsemax
-from model import PRESETS, CLIP, contrastive_loss
+from model import CLIP, PRESETS, contrastive_loss
 
 # -----------------------------------------------------------------------------
 # the text tower reads the end-of-text token, not the one before or after it

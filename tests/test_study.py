@@ -14,28 +14,43 @@ def test_readme_table_is_generated_from_the_results_json():
     results = json.loads((REPO / "results" / "study.json").read_text())
     readme = (REPO / "README.md").read_text()
     assert study.update_readme(readme, study.table(results)) == readme
-    # every planned run is in the results, so the table has all of them
-    assert {(r["name"], r["seed"]) for r in results["runs"]} == {(n, s) for n, s, _ in study.planned_runs()}
+    # only planned runs are in the results, each once, and the seeded comparison is complete first
+    done = [(r["name"], r["seed"]) for r in results["runs"]]
+    planned = [(n, s) for n, s, _ in study.planned_runs()]
+    assert len(set(done)) == len(done) and set(done) <= set(planned)
+    assert set(planned[:len(done)]) == set(done)                     # runs go in plan order
 
 
 def record(name, seed, rsum, wall):
-    metrics = {key: float(seed) for key, _ in study.COLUMNS if key != "wall_s"}
+    metrics = {key: float(seed) for key, _, _ in study.COLUMNS if key != "wall_s"}
     metrics["rsum"] = rsum
     return {"name": name, "seed": seed, "wall_s": wall, "metrics": metrics}
 
 
 def test_table_shows_mean_and_sample_std_over_seeds():
     results = {"runs": [record("CLIP", 0, 100.0, 10), record("CLIP", 1, 110.0, 20), record("CLIP", 2, 120.0, 30),
-                        record("FDT softmax", 0, 50.0, 7)]}
+                        record("FDT softmax T=1", 0, 50.0, 7)]}
     lines = study.table(results).splitlines()
-    assert len(lines) == 4                                     # header, rule, two rows in RUNS order
-    clip = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert len(lines) == 5                                     # header, rule, chance, two rows in RUNS order
+    clip = [c.strip() for c in lines[3].strip("|").split("|")]
+    keys = [k for k, _, _ in study.COLUMNS]
     assert clip[:2] == ["CLIP", "3"]
-    assert clip[2] == "1.0 ± 1.0"                             # seeds 0, 1, 2: mean 1, sample std 1
-    assert clip[2 + [k for k, _ in study.COLUMNS].index("rsum")] == "110.0 ± 10.0"
+    assert clip[2 + keys.index("rsum")] == "110.0 ± 10.0"     # seeds 0, 1, 2: mean 110, sample std 10
+    assert clip[2 + keys.index("zs_shape")] == "1.0 ± 1.0"
     assert clip[-1] == "20.0 ± 10.0"                          # wall time
-    softmax = [c.strip() for c in lines[3].strip("|").split("|")]
-    assert softmax[:3] == ["FDT softmax", "1", "0.0"] and softmax[-1] == "7.0"
+    softmax = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert softmax[:2] == ["FDT softmax T=1", "1"] and softmax[2 + keys.index("zs_shape")] == "0.0"
+    assert softmax[2 + keys.index("rsum")] == "50.0" and softmax[-1] == "7.0"
+
+
+def test_difference_row_is_fdt_minus_clip_with_its_standard_error():
+    runs = [record("CLIP", s, 100.0 + 10 * s, 1) for s in range(3)] + \
+           [record("CLIP+FDT", s, 130.0 + 20 * s, 1) for s in range(3)]
+    diff = [c.strip() for c in study.table({"runs": runs}).splitlines()[-1].strip("|").split("|")]
+    keys = [k for k, _, _ in study.COLUMNS]
+    # means 110 and 150; variances 100 and 400 over 3 seeds each: s.e. sqrt(100 / 3 + 400 / 3)
+    assert diff[2 + keys.index("rsum")] == f"+40.0 ± {(500 / 3) ** 0.5:.1f}"
+    assert diff[2 + keys.index("zs_shape")] == "+0.0 ± 0.8"       # both 0, 1, 2: s.e. sqrt(2 / 3)
 
 
 def test_update_readme_replaces_only_between_markers():
