@@ -86,8 +86,13 @@ def embed_images(model, images_uint8, device, batch_size=256, return_weights=Fal
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts, device, batch_size=1024, return_weights=False):
-    """list of N strings -> L2-normalised (N, D) on `device` [and the FDT weights (N, n_fdt)]."""
-    batches = (tokenizer.encode(texts[a:a + batch_size]) for a in range(0, len(texts), batch_size))
+    """list of N strings -> L2-normalised (N, D) on `device` [and the FDT weights (N, n_fdt)].
+    Each batch is cut after its longest text: the text tower is causal and the FDT ignores pads, so
+    trailing pads change nothing but the cost (tests/test_model.py::test_text_features_ignore_padding)."""
+    def encode(a):
+        ids = tokenizer.encode(texts[a:a + batch_size])                      # (b, context_length)
+        return ids[:, :int((ids != data.PAD).sum(dim=1).max())]              # (b, longest)
+    batches = (encode(a) for a in range(0, len(texts), batch_size))
     return _encode_all(model.encode_text, batches, device, return_weights)
 
 
@@ -240,10 +245,14 @@ def evaluate_binding(model, tokenizer, caption_set, device, image_emb=None):
     relation reversed. image_emb (N, D) can be passed when it is already computed."""
     if image_emb is None:
         image_emb = embed_images(model, caption_set.images, device)
+    tests = binding_tests(caption_set)
+    texts = sorted({t for _, true, false in tests.values() for t in true + false})  # the true captions repeat across kinds
+    row = {t: i for i, t in enumerate(texts)}
+    text_emb = embed_texts(model, tokenizer, texts, device)                 # (n_texts, D), each text once
     metrics = {}
-    for kind, (idx, true, false) in binding_tests(caption_set).items():
-        true_emb = embed_texts(model, tokenizer, true, device)
-        false_emb = embed_texts(model, tokenizer, false, device)
+    for kind, (idx, true, false) in tests.items():
+        true_emb = text_emb[[row[t] for t in true]]
+        false_emb = text_emb[[row[t] for t in false]]
         metrics[f"bind_{kind}"] = binding_accuracy(image_emb[idx.to(image_emb.device)], true_emb, false_emb)
     return metrics
 
