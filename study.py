@@ -24,19 +24,23 @@ from pathlib import Path
 import eval as evaluation
 import figures
 
-SEEDS = (0, 1, 2)
-# name -> extra train.py flags; the first two are run with every seed, the ablations with seed 0
+SEEDS = (0, 1, 2, 3, 4)
+# name -> extra train.py flags; the first two are run with every seed, the ablations with seed 0, in
+# this order (the study resumes, so a study cut short has the most telling ablations first)
 RUNS = {
     "CLIP": ["--model", "clip"],
-    "CLIP+FDT": ["--model", "fdt"],
+    "CLIP+FDT": ["--model", "fdt"],                    # sparsemax, T = 30, 1024 FDT tokens
+    "FDT T=1000 (official)": ["--model", "fdt", "--fdt-temperature", "1000"],
+    "FDT softmax T=1": ["--model", "fdt", "--fdt-activation", "softmax", "--fdt-temperature", "1"],
+    "FDT T=10": ["--model", "fdt", "--fdt-temperature", "10"],
+    "FDT n_fdt=256": ["--model", "fdt", "--n-fdt", "256"],
+    "FDT n_fdt=4096": ["--model", "fdt", "--n-fdt", "4096"],
+    "FDT T=3": ["--model", "fdt", "--fdt-temperature", "3"],
+    "FDT T=100": ["--model", "fdt", "--fdt-temperature", "100"],
     # without the scene groups in a batch: the same images, shuffled one by one (no hard negatives)
     "CLIP, random batches": ["--model", "clip", "--batching", "random"],
     "CLIP+FDT, random batches": ["--model", "fdt", "--batching", "random"],
-    "FDT T=1000 (official)": ["--model", "fdt", "--fdt-temperature", "1000"],
-    "FDT T=10": ["--model", "fdt", "--fdt-temperature", "10"],
-    "FDT softmax T=1": ["--model", "fdt", "--fdt-activation", "softmax", "--fdt-temperature", "1"],
-    "FDT n_fdt=256": ["--model", "fdt", "--n-fdt", "256"],
-    "FDT n_fdt=4096": ["--model", "fdt", "--n-fdt", "4096"],
+    "FDT softmax T=0.1": ["--model", "fdt", "--fdt-activation", "softmax", "--fdt-temperature", "0.1"],
 }
 SEEDED = ("CLIP", "CLIP+FDT")
 COLUMNS = [  # (key in the eval dict, header, chance level)
