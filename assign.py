@@ -130,7 +130,7 @@ ASSIGNMENTS = {
     ),
     "retrieval-recall": dict(
         teaches="recall@1/5/10 both ways under the 5-captions protocol, ties counted against the model",
-        functions=["eval.py:retrieval_metrics"],
+        functions=["metrics.py:retrieval_metrics"],
         graders=["tests/test_graders.py::test_recall_counts_a_right_answer_at_rank_k_as_a_miss",
                  "tests/test_eval.py::test_retrieval_metrics_match_brute_force",
                  "tests/test_eval.py::test_perfect_embeddings_score_100",
@@ -150,7 +150,7 @@ ASSIGNMENTS = {
     ),
     "zeroshot-classifier": dict(
         teaches="prompt ensembling (Radford et al. 2021, 3.1.4): average normalised template embeddings, renormalise",
-        functions=["eval.py:zeroshot_classifier"],
+        functions=["metrics.py:zeroshot_classifier"],
         # the shapes zero-shot that train.py runs builds its classifier from shapes' prompts instead
         graders=["tests/test_eval.py::test_classifier_is_the_normalised_template_mean",
                  "tests/test_eval.py::test_imagefolder_matches_a_direct_computation"],

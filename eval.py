@@ -19,13 +19,12 @@
     python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val --classnames names.txt
     python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red circle"]
 
-train.py calls `evaluate` every --eval-every epochs and at the end. All embeddings come from `model.encode_image` /
-`model.encode_text`, in batches, under no_grad and (on CUDA) bf16 autocast.
+train.py calls `evaluate` every --eval-every epochs and at the end. This file gathers the data sets
+and their captions; the embeddings and the numbers made from them are metrics.py's.
 """
 
 import argparse
 import json
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,91 +37,12 @@ import benchmarks
 import data
 import figures
 import shapes
+from metrics import (TEMPLATES, as_image_tensor, binding_accuracy, embed_images, embed_texts, heldout_accuracy,
+                     retrieval_metrics, zeroshot_accuracy, zeroshot_classifier)
 from model import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
-# embeddings
-
-
-def _autocast(device):
-    """bf16 on CUDA (sparsemax still does its maths in float32), plain float32 elsewhere."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _encode_all(encode, batches, device, return_weights):
-    """Concatenated float32 embeddings (N, D) on `device` [and FDT weights (N, n_fdt), None for the
-    projection head] of every batch; encode(batch, return_weights=True) -> (emb, weights)."""
-    embs, weights = [], []
-    for batch in batches:
-        with _autocast(device):
-            emb, w = encode(batch.to(device, non_blocking=True), return_weights=True)
-        embs.append(emb.float())
-        weights.append(None if w is None else w.float())
-    emb = torch.cat(embs)
-    if not return_weights:
-        return emb
-    return emb, None if weights[0] is None else torch.cat(weights)
-
-
-def _as_tensor(images):
-    """uint8 images as a (b, 3, S, S) tensor: the caption sets' memmaps hold (b, S, S, 3) arrays,
-    the zero-shot sets and image loaders give (b, 3, S, S) tensors already."""
-    if torch.is_tensor(images):
-        return images
-    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # copy out of the memmap; (b, 3, S, S)
-
-
-@torch.no_grad()
-def embed_images(model, images_uint8, device, batch_size=256, return_weights=False):
-    """uint8 images, a (N, 3, S, S) tensor or a (N, S, S, 3) array -> L2-normalised (N, D) on
-    `device` [and the FDT weights (N, n_fdt)]."""
-    batches = (_as_tensor(images_uint8[a:a + batch_size]) for a in range(0, len(images_uint8), batch_size))
-
-    def encode(images, return_weights):
-        return model.encode_image(data.preprocess(images), return_weights)
-    return _encode_all(encode, batches, device, return_weights)
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts, device, batch_size=1024, return_weights=False):
-    """list of N strings -> L2-normalised (N, D) on `device` [and the FDT weights (N, n_fdt)].
-    Each batch is cut after its longest text: the text tower is causal and the FDT ignores pads, so
-    trailing pads change nothing but the cost (tests/test_model.py::test_text_features_ignore_padding)."""
-    def encode(a):
-        ids = tokenizer.encode(texts[a:a + batch_size])                      # (b, context_length)
-        return ids[:, :int((ids != data.PAD).sum(dim=1).max())]              # (b, longest)
-    batches = (encode(a) for a in range(0, len(texts), batch_size))
-    return _encode_all(model.encode_text, batches, device, return_weights)
-
-
-# -----------------------------------------------------------------------------
 # retrieval
-
-
-def retrieval_metrics(image_emb, text_emb, text_to_image):
-    """Recall@1/5/10 in percent, both directions, and rsum (their sum, out of 600).
-
-    image_emb (N_img, D), text_emb (N_txt, D), text_to_image (N_txt,): the image of each caption.
-    A rank is the number of wrong candidates scoring at least as high as the best right one, so a
-    tie counts against the model (a collapsed model with one embedding for everything scores 0,
-    not 100). The full (N_img, N_txt) similarity matrix is built: 5k x 25k floats is 0.5 GB.
-    """
-    sim = image_emb.float() @ text_emb.float().t()                            # (N_img, N_txt)
-    text_to_image = text_to_image.to(sim.device)
-    match = text_to_image[None, :] == torch.arange(sim.shape[0], device=sim.device)[:, None]  # (N_img, N_txt)
-    # image -> text: the best of the image's own captions against every other image's caption
-    best_own = sim.masked_fill(~match, float("-inf")).amax(dim=1, keepdim=True)  # (N_img, 1)
-    i2t_rank = ((sim >= best_own) & ~match).sum(dim=1)                        # (N_img,)
-    # text -> image: the caption's image against every other image
-    own = sim.gather(0, text_to_image[None, :])                               # (1, N_txt)
-    t2i_rank = ((sim >= own) & ~match).sum(dim=0)                             # (N_txt,)
-    metrics = {}
-    for name, rank in (("i2t", i2t_rank), ("t2i", t2i_rank)):
-        for k in (1, 5, 10):
-            metrics[f"{name}_r{k}"] = 100 * (rank < k).float().mean().item()
-    metrics["rsum"] = sum(metrics.values())
-    return metrics
 
 
 def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, image_w=None):
@@ -142,34 +62,6 @@ def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, im
 # -----------------------------------------------------------------------------
 # zero-shot classification
 
-# CLIP's default prompt, then the 7 of its 80 ImageNet templates that openai/CLIP's notebook
-# Prompt_Engineering_for_ImageNet.ipynb found to work best together
-TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
-             "a photo of the large {}.", "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
-
-
-def zeroshot_classifier(model, tokenizer, classnames, templates, device):
-    """(C, D): per class, every template's normalised text embedding, averaged and renormalised.
-    Warns, naming them, about pieces of the class names that training never saw: they become UNK,
-    and classes made only of UNK pieces cannot be told apart."""
-    unknown = tokenizer.unknown_pieces(classnames)
-    if unknown:
-        warnings.warn(f"{len(unknown)} pieces of the class names never occurred in the training captions and "
-                      f"are read as unknown: {', '.join(repr(p) for p in unknown[:20])}", stacklevel=2)
-    texts = [t.format(c) for c in classnames for t in templates]
-    emb = embed_texts(model, tokenizer, texts, device)                        # (C * T, D)
-    return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)  # (C, D)
-
-
-def zeroshot_accuracy(image_emb, classifier, labels, topk=(1, 5)):
-    """Top-k accuracy in percent: {"top1": ..., "top5": ...}. image_emb (N, D), classifier (C, D),
-    labels (N,). With k >= C every image counts as a hit."""
-    logits = image_emb @ classifier.t()                                       # (N, C)
-    pred = logits.topk(min(max(topk), classifier.shape[0]), dim=1).indices    # (N, k_max), best first
-    correct = pred == labels.to(pred.device)[:, None]                         # (N, k_max), <= 1 True per row
-    return {f"top{k}": 100 * correct[:, :k].any(dim=1).float().mean().item() for k in topk}
-
-
 def shapes_prompt_embeddings(model, tokenizer, device, return_weights=False):
     """Every pair's shapes.prompts embedded: (8 colours, 8 shapes, P prompts, D)
     [and FDT weights (8, 8, P, n_fdt)], colours and shapes in shapes.COLOURS / shapes.SHAPES order."""
@@ -179,17 +71,6 @@ def shapes_prompt_embeddings(model, tokenizer, device, return_weights=False):
     C, S, P = len(shapes.COLOURS), len(shapes.SHAPES), len(texts) // len(pairs)
     emb = emb.view(C, S, P, -1)                                               # (C, S, P, D)
     return (emb, weights.view(C, S, P, -1)) if return_weights else emb        # weights (C, S, P, n_fdt)
-
-
-def heldout_accuracy(image_emb, pair_classifier, colour, shape):
-    """Percent of (image, other shape) comparisons in which the image's own (colour, shape) prompt
-    scores strictly higher than the same colour with another shape. image_emb (N, D),
-    pair_classifier (C, S, D), colour and shape (N,) indices. Chance, and a model that sees colour
-    but not shape, score 50 %."""
-    scores = torch.einsum("nd,nsd->ns", image_emb, pair_classifier[colour])   # (N, S): own colour, every shape
-    own = scores.gather(1, shape[:, None])                                    # (N, 1)
-    others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, shape[:, None], False)  # (N, S)
-    return 100 * (own > scores)[others].float().mean().item()
 
 
 def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1,)):
@@ -220,12 +101,6 @@ def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1
 
 # -----------------------------------------------------------------------------
 # binding: does the image prefer its caption to a minimal edit of it?
-
-
-def binding_accuracy(image_emb, true_emb, false_emb):
-    """Percent of rows where the image scores its true caption strictly higher than the false one
-    (a tie counts against the model). All (N, D); chance 50 %."""
-    return 100 * ((image_emb * true_emb).sum(-1) > (image_emb * false_emb).sum(-1)).float().mean().item()
 
 
 def binding_tests(caption_set, seed=0):
@@ -488,7 +363,7 @@ def run_inspect(args):
         with clear_errors():
             caption_set = data.load_split(source, root, "val", size)
         for i in range(min(args.examples, len(caption_set.images))):
-            examples.append((f"val{i}_", _as_tensor(caption_set.images[i:i + 1])[0], caption_set.captions[i][0]))
+            examples.append((f"val{i}_", as_image_tensor(caption_set.images[i:i + 1])[0], caption_set.captions[i][0]))
         concepts_root = root if source == "shapes" else None
     written = []
     for prefix, image, caption in examples:

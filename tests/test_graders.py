@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval as evaluation
+import metrics
 import train
 from data import EOT, PAD
 from fdt import sparsemax
@@ -152,7 +152,7 @@ def test_recall_counts_a_right_answer_at_rank_k_as_a_miss():
         sim[i, own] = 0.5
         sim[i, own[2]] = 1.0
         sim[i, (text_to_image != i).nonzero().flatten()[:r]] = 2.0
-    m = evaluation.retrieval_metrics(torch.eye(n_images), sim.t(), text_to_image)   # image_emb = I: sim as given
+    m = metrics.retrieval_metrics(torch.eye(n_images), sim.t(), text_to_image)   # image_emb = I: sim as given
     for k in (1, 5, 10):
         assert m[f"i2t_r{k}"] == pytest.approx(100 * sum(r < k for r in ranks) / n_images), k
     # text -> image: caption t's own image scores 1, ranks[t % 12] other images score 2
@@ -161,7 +161,7 @@ def test_recall_counts_a_right_answer_at_rank_k_as_a_miss():
         own, r = int(text_to_image[t]), ranks[t % n_images]
         sim[own, t] = 1.0
         sim[[i for i in range(n_images) if i != own][:r], t] = 2.0
-    m = evaluation.retrieval_metrics(torch.eye(n_images), sim.t(), text_to_image)
+    m = metrics.retrieval_metrics(torch.eye(n_images), sim.t(), text_to_image)
     want = [ranks[t % n_images] for t in range(5 * n_images)]
     for k in (1, 5, 10):
         assert m[f"t2i_r{k}"] == pytest.approx(100 * sum(r < k for r in want) / len(want)), k
