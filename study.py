@@ -154,20 +154,21 @@ def run_dir(args, name, seed):
 
 
 def draw_figures(args):
-    """results/curves.png (CLIP vs CLIP+FDT, seed 0, over training), results/binding.png (every
-    metric of the seeded runs, mean and std) and the FDT inspection figures of CLIP+FDT seed 0."""
+    """results/curves.png (CLIP vs CLIP+FDT over training), results/binding.png (every metric of the
+    seeded runs, mean and std) and the FDT inspection figures of CLIP+FDT; curves and inspection
+    come from the first seed whose two runs are in --out."""
     results_dir = Path(args.json).parent
-    histories = {}
-    for name in SEEDED:
-        metrics = run_dir(args, name, 0) / "metrics.jsonl"
-        if not metrics.exists():
-            raise SystemExit(f"no {metrics}: run `python study.py run` first")
-        histories[name] = [json.loads(line) for line in metrics.read_text().splitlines()]
+    seed = next((s for s in SEEDS if all((run_dir(args, n, s) / "metrics.jsonl").exists() for n in SEEDED)), None)
+    if seed is None:
+        raise SystemExit(f"no run folders of {' and '.join(SEEDED)} in {args.out}: run `python study.py run` first")
+    print(f"curves and inspection figures from seed {seed}")
+    histories = {name: [json.loads(line) for line in (run_dir(args, name, seed) / "metrics.jsonl").read_text().splitlines()]
+                 for name in SEEDED}
     results = json.loads(Path(args.json).read_text())
     keys = [(key, header) for key, header, chance in COLUMNS if chance == "50" or key in ("zs_shape", "zs_colour")]
     summary = {name: {header: values(results, name, key) for key, header in keys} for name in SEEDED}
     figures.plot_study(histories, summary, results_dir / "curves.png", results_dir / "binding.png")
-    evaluation.main(["inspect", "--ckpt", str(run_dir(args, "CLIP+FDT", 0) / "ckpt.pt"), "--examples", "1",
+    evaluation.main(["inspect", "--ckpt", str(run_dir(args, "CLIP+FDT", seed) / "ckpt.pt"), "--examples", "1",
                      "--out", str(results_dir / "inspect")])
 
 
