@@ -7,7 +7,7 @@
     plot_concept_tokens   the concept-by-token matrix (from eval.concept_profiles)
     plot_study            CLIP vs CLIP+FDT: curves and binding accuracy per kind (study.py)
 
-Metrics are computed elsewhere (eval.py); this file only draws. Files only, no display needed.
+Metrics are computed elsewhere (metrics.py, eval.py); this file only draws. Files only, no display needed.
 """
 
 from pathlib import Path
@@ -169,8 +169,8 @@ def plot_history(history, path):
     return save(fig, path, dpi=80)
 
 
-def plot_study(histories, summary, curves_path, binding_path):
-    """The study's two figures. histories: run name -> metrics.jsonl records (one seed);
+def plot_study(histories, summary, curves_path, binding_path, seed=0):
+    """The study's two figures. histories: run name -> metrics.jsonl records (of one seed, `seed`);
     summary: run name -> {metric header: values over seeds}, in percent."""
     plt = pyplot()
     colours = {"CLIP": "tab:blue", "CLIP+FDT": "tab:orange"}
@@ -181,7 +181,7 @@ def plot_study(histories, summary, curves_path, binding_path):
         evals = [r for r in records if r["kind"] == "eval"]
         for key, style in (("zs_shape", "-"), ("bind_swap_colour", "--"), ("bind_replace_shape", ":")):
             plot_eval_metrics(ax_eval, evals, keys=(key,), label=f"{name} ", color=colours.get(name), linestyle=style)
-    ax_loss.set(title="training loss (seed 0)", xlabel="step")
+    ax_loss.set(title=f"training loss (seed {seed})", xlabel="step")
     ax_loss.legend()
     ax_eval.legend(fontsize=7)
     fig.tight_layout()

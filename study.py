@@ -167,7 +167,7 @@ def draw_figures(args):
     results = json.loads(Path(args.json).read_text())
     keys = [(key, header) for key, header, chance in COLUMNS if chance == "50" or key in ("zs_shape", "zs_colour")]
     summary = {name: {header: values(results, name, key) for key, header in keys} for name in SEEDED}
-    figures.plot_study(histories, summary, results_dir / "curves.png", results_dir / "binding.png")
+    figures.plot_study(histories, summary, results_dir / "curves.png", results_dir / "binding.png", seed)
     evaluation.main(["inspect", "--ckpt", str(run_dir(args, "CLIP+FDT", seed) / "ckpt.pt"), "--examples", "1",
                      "--out", str(results_dir / "inspect")])
 
