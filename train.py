@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import augment as augmentation
 import data
-import eval as evaluation
+import eval as evaluation  # evaluate() after each epoch: read it as a black box here, in eval.py / metrics.py next
 import figures
 import shapes
 from model import CLIP, PRESETS, contrastive_loss, load_checkpoint, save_checkpoint
