@@ -225,7 +225,7 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
             raise FileNotFoundError(
                 f"no {json_file}: get dataset_coco.json from Karpathy's caption_datasets.zip "
                 "(https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip) and put "
-                f"it next to the COCO images (`python prepare_coco.py {root}`)")
+                f"it next to the COCO images (`python -m tools.prepare_coco {root}`)")
         files, captions, entries = _read_karpathy(json_file, root, split)
         name = f"karpathy_{split}"
     elif source in ("shapes", "coco"):
@@ -233,9 +233,9 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         ann_file = root / "annotations" / f"captions_{name}.json"
         if not ann_file.exists():
             raise FileNotFoundError(
-                f"no shapes dataset at {root}: generate it with `python shapes.py --root {root}` "
+                f"no shapes dataset at {root}: generate it with `python -m lib.shapes --root {root}` "
                 "(train.py does this on first use)" if source == "shapes" else
-                f"no COCO captions at {ann_file}: download COCO 2017 with `python prepare_coco.py {root}`")
+                f"no COCO captions at {ann_file}: download COCO 2017 with `python -m tools.prepare_coco {root}`")
         files, captions, entries = _read_coco(ann_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")

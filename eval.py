@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import benchmarks
+from lib import benchmarks
 import data
-import figures
-import shapes
-from metrics import (TEMPLATES, as_image_tensor, binding_accuracy, embed_images, embed_texts, heldout_accuracy,
+from lib import figures
+from lib import shapes
+from lib.metrics import (TEMPLATES, as_image_tensor, binding_accuracy, embed_images, embed_texts, heldout_accuracy,
                      retrieval_metrics, zeroshot_accuracy, zeroshot_classifier)
 from model import load_checkpoint, model_from_checkpoint
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fdt_fast
-from fdt import QueryMap
+import fdt
+from lib import fdt_fast
 
 
 @dataclass
@@ -47,6 +47,7 @@ class ModelConfig:
     n_fdt: int = 1024             # official: 16384 (the base preset); 1024 keeps the tiny model fast on CPU
     fdt_temperature: float = 30.0  # at T = 1 sparsemax keeps ~1 token and nothing trains; see README
     fdt_activation: str = "sparsemax"  # "softmax" is the paper's ablation
+    fast_fdt: bool = True         # lib/fdt_fast.py's exact, faster kernels; False trains fdt.py as written
     logit_scale_init: float = 1 / 0.07  # CLIP's initial inverse temperature (learned from there)
 
 
@@ -188,10 +189,12 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads, c.stem)
         self.text = TextTransformer(c.vocab_size, c.context_length, c.text_width, c.text_layers, c.text_heads)
         if c.head == "fdt":
-            self.image_query = QueryMap(c.vision_width, c.embed_dim)
-            self.text_query = QueryMap(c.text_width, c.embed_dim)
-            # fdt.FDT computed faster, exactly (fdt_fast.py); the parameters and results are fdt.FDT's
-            self.fdt = fdt_fast.FDT(c.n_fdt, c.embed_dim, c.fdt_temperature, c.fdt_activation)
+            self.image_query = fdt.QueryMap(c.vision_width, c.embed_dim)
+            self.text_query = fdt.QueryMap(c.text_width, c.embed_dim)
+            # the same parameters and results either way (tests/test_fdt.py); the fast kernels skip
+            # the (B, T, n_fdt) relevances in backward and sorting every row in sparsemax
+            FDT = fdt_fast.FDT if c.fast_fdt else fdt.FDT
+            self.fdt = FDT(c.n_fdt, c.embed_dim, c.fdt_temperature, c.fdt_activation)
         else:
             self.image_proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
             self.text_proj = nn.Linear(c.text_width, c.embed_dim, bias=False)

@@ -30,73 +30,98 @@ import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import augment as augmentation
+from lib import augment as augmentation
 import data
 import eval as evaluation  # evaluate() after each epoch: read it as a black box here, in eval.py / metrics.py next
-import figures
-import shapes
+from lib import figures
+from lib import shapes
 from model import CLIP, PRESETS, contrastive_loss, load_checkpoint, save_checkpoint
 
-# Training settings that differ between this project's defaults and the official FDT recipe
-# (github yuxiaochen1103/FDT, example/clip_fdt/config_cc3m.yaml and train_solver.py). A flag given
-# on the command line wins over its recipe.
-RECIPES = {
-    "default": {"preset": "tiny", "epochs": 3, "batch_size": 128, "lr": 1e-3, "warmup": 100,
-                "warmup_from": 0.0, "grad_clip": 1.0, "logit_scale_min": 0.0, "logit_scale_max": math.log(100),
-                "freeze_patch_embed": False, "augment": None, "amp": None},
-    "paper": {"preset": "base", "epochs": 32, "batch_size": 1024, "lr": 1e-3, "warmup": 2500,
-              "warmup_from": 1e-4, "grad_clip": 0.0, "logit_scale_min": 3.0, "logit_scale_max": 6.0,
-              "freeze_patch_embed": True, "augment": "mocov2", "amp": "off", "fdt_temperature": 1000.0,
-              "logit_scale_init": 1 / 0.07},
-}
+# -----------------------------------------------------------------------------
+# every default, in one place. DEFAULTS trains the tiny model on the shapes world on a 2-core CPU;
+# PAPER is what `--recipe paper` changes: the official FDT configuration (github
+# yuxiaochen1103/FDT, example/clip_fdt/config_cc3m.yaml and train_solver.py). A flag given on the
+# command line wins over both. Model sizes are named presets (model.PRESETS); the FDT settings
+# that are None here keep the preset's value.
+
+DEFAULTS = dict(
+    data="shapes",          # shapes: generated on first use; coco: COCO 2017; karpathy: its splits
+    data_dir=None,          # None: data/<data>
+    preset="tiny",          # tiny (CPU, 64 px), small (one GPU, 128 px), base (ViT-B/32, 224 px)
+    model="fdt",            # fdt: CLIP+FDT; clip: the same towers with a projection head
+    epochs=3,
+    steps=None,             # total optimiser steps; None: epochs x steps per epoch
+    batch_size=128,         # global, over all processes
+    lr=1e-3,                # peak learning rate
+    weight_decay=0.1,       # CLIP's and the paper's; never on norms, biases or the logit scale
+    warmup=100,             # steps of linear warm-up from warmup_from to lr
+    warmup_from=0.0,
+    grad_clip=1.0,          # max gradient norm; 0: off (the paper clamps the logit scale instead)
+    logit_scale_min=0.0,    # clamp of the log inverse temperature after every step
+    logit_scale_max=math.log(100),  # CLIP's cap
+    freeze_patch_embed=False,
+    amp=None,               # None: bf16 on CUDA, off on CPU
+    compile=False,
+    fdt_activation=None,    # None: the preset's (sparsemax; softmax is the paper's ablation)
+    n_fdt=None,
+    fdt_temperature=None,
+    logit_scale_init=None,
+    augment=None,           # None: none for shapes (its captions say where things are: a crop
+                            # would move them), crop otherwise
+    batching="grouped",     # grouped: a shapes scene and its edits share a batch (lib/shapes.py)
+    seed=0,
+    out=None,               # None: runs/<data>-<model>-<preset>
+    device=None,            # None: cuda when there is one
+    workers=0,              # data loader read-ahead threads
+    eval_every=1,           # checkpoint and evaluate every N epochs
+)
+PAPER = dict(preset="base", epochs=32, batch_size=1024, warmup=2500, warmup_from=1e-4,
+             grad_clip=0.0, logit_scale_min=3.0, logit_scale_max=6.0, freeze_patch_embed=True,
+             augment="mocov2", amp="off", fdt_temperature=1000.0, logit_scale_init=1 / 0.07)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
-                   help="defaults for the flags below: this project's, or the official FDT configuration")
-    p.add_argument("--data", choices=["shapes", "coco", "karpathy"], default="shapes",
-                   help="shapes: generated on first use; coco: COCO 2017 layout; karpathy: dataset_coco.json splits")
-    p.add_argument("--data-dir", default=None, help="dataset root (default: data/<data>)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size (model.PRESETS)")
-    p.add_argument("--model", choices=["fdt", "clip"], default="fdt", help="FDT head or the CLIP projection head")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training set (ignored with --steps)")
-    p.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size, over all processes")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    p.add_argument("--warmup-from", type=float, default=None, help="learning rate at step 0 of the warm-up")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
-    p.add_argument("--logit-scale-min", type=float, default=None, help="lower clamp of the log inverse temperature")
-    p.add_argument("--logit-scale-max", type=float, default=None, help="upper clamp of the log inverse temperature")
-    p.add_argument("--freeze-patch-embed", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the ViT's patch embedding at its initialisation")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default=None,
-                   help="autocast precision (default: bf16 on CUDA, off on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--fdt-activation", choices=["sparsemax", "softmax"], default=None, help="default: preset's")
-    p.add_argument("--n-fdt", type=int, default=None, help="number of FDT tokens (default: preset's)")
-    p.add_argument("--fdt-temperature", type=float, default=None, help="FDT temperature (default: preset's)")
-    p.add_argument("--logit-scale-init", type=float, default=None, help="initial inverse temperature (default: preset's)")
-    p.add_argument("--augment", choices=["crop", "mocov2", "none"], default=None,
-                   help="a mild random resized crop, MoCo v2's augmentation (the paper's), or none (default: "
-                        "none for shapes, whose captions say where things are and whose objects a crop can "
-                        "cut off; crop otherwise)")
-    p.add_argument("--batching", choices=["grouped", "random"], default="grouped",
-                   help="grouped: a shapes scene and its edits share a batch; random: every image on its own")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<model>-<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt with the same settings")
-    p.add_argument("--extend", action="store_true",
-                   help="with --resume: allow a longer (or shorter) run than the checkpoint's; the schedule "
-                        "is recomputed for the new length, so the result differs from a run of that length")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--workers", type=int, default=0, help="data loader read-ahead threads")
-    p.add_argument("--eval-every", type=int, default=1, help="checkpoint and evaluate every N epochs")
+    add = p.add_argument
+    add("--recipe", choices=["default", "paper"], default="default",
+        help="DEFAULTS in train.py, or those with PAPER's changes (the official configuration)")
+    add("--data", choices=["shapes", "coco", "karpathy"])
+    add("--data-dir", help="dataset root")
+    add("--preset", choices=sorted(PRESETS), help="model size (model.PRESETS)")
+    add("--model", choices=["fdt", "clip"], help="the FDT head or the CLIP projection head")
+    add("--epochs", type=int, help="passes over the training set (ignored with --steps)")
+    add("--steps", type=int, help="total optimiser steps")
+    add("--batch-size", type=int, help="global batch size, over all processes")
+    add("--lr", type=float, help="peak learning rate")
+    add("--weight-decay", type=float)
+    add("--warmup", type=int, help="linear warm-up steps")
+    add("--warmup-from", type=float, help="learning rate at step 0 of the warm-up")
+    add("--grad-clip", type=float, help="max gradient norm (0: off)")
+    add("--logit-scale-min", type=float, help="lower clamp of the log inverse temperature")
+    add("--logit-scale-max", type=float, help="upper clamp of the log inverse temperature")
+    add("--freeze-patch-embed", action=argparse.BooleanOptionalAction,
+        help="keep the ViT's patch embedding at its initialisation")
+    add("--amp", choices=["bf16", "fp16", "off"], help="autocast precision")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    add("--fdt-activation", choices=["sparsemax", "softmax"])
+    add("--n-fdt", type=int, help="number of FDT tokens")
+    add("--fdt-temperature", type=float)
+    add("--logit-scale-init", type=float, help="initial inverse temperature")
+    add("--augment", choices=["crop", "mocov2", "none"],
+        help="a mild random resized crop, or MoCo v2's augmentation (the paper's)")
+    add("--batching", choices=["grouped", "random"])
+    add("--seed", type=int)
+    add("--out", help="run folder")
+    add("--resume", action="store_true", help="continue from <out>/ckpt.pt with the same settings")
+    add("--extend", action="store_true",
+        help="with --resume: allow a longer (or shorter) run than the checkpoint's; the schedule is "
+             "recomputed for the new length, so the result differs from a run of that length")
+    add("--device", help="cpu, cuda, cuda:1 ...")
+    add("--workers", type=int, help="data loader read-ahead threads")
+    add("--eval-every", type=int, help="checkpoint and evaluate every N epochs")
     args = p.parse_args(argv)
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) is None:
+    for key, value in (DEFAULTS | (PAPER if args.recipe == "paper" else {})).items():
+        if getattr(args, key) is None:          # not given on the command line
             setattr(args, key, value)
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(args, name) < 1:

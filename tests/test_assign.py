@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import assign
+from course import assign
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_stub_of_a_method_without_docstring_keeps_indentation():
 def test_student_copy_fails_exactly_the_graders_naming_the_function(tmp_path):
     names = ["lr-schedule", "contrastive-loss"]
     out = tmp_path / "student"
-    cli = subprocess.run([sys.executable, str(REPO / "assign.py"), str(out), *names],
+    cli = subprocess.run([sys.executable, "-m", "course.assign", str(out), *names], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert all(g in cli.stdout for n in names for g in assign.ASSIGNMENTS[n]["graders"])

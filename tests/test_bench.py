@@ -7,15 +7,15 @@ from pathlib import Path
 
 import torch
 
-import bench
+from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_quick_run_prints_every_row(tmp_path):
     # from an empty folder: no prepared dataset there, so the data row is a note and nothing is written
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--device", "cpu"], cwd=tmp_path,
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--device", "cpu"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fdt
-import fdt_fast
-import shapes
+from lib import fdt_fast
+from lib import shapes
 import train
 
 pytestmark = [pytest.mark.cuda,

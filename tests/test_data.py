@@ -10,7 +10,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-import augment
+from lib import augment
 import data
 from data import EOT, PAD, UNK, CaptionSet, Tokenizer
 
@@ -143,9 +143,9 @@ def test_cache_reuse_rebuild_and_half_written(tmp_path):
 
 
 def test_coco_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python prepare_coco.py"):
+    with pytest.raises(FileNotFoundError, match="python -m tools.prepare_coco"):
         data.load_split("coco", tmp_path / "nowhere", "train", 16)
-    with pytest.raises(FileNotFoundError, match="python shapes.py"):
+    with pytest.raises(FileNotFoundError, match="python -m lib.shapes"):
         data.load_split("shapes", tmp_path / "nowhere", "train", 16)
     write_coco(tmp_path, n_missing=2)
     with pytest.raises(FileNotFoundError, match=r"2 of 7 images are missing(.|\n)*gone0.png(.|\n)*gone1.png"):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmarks
+from lib import benchmarks
 import data
 import eval as evaluation
-import metrics
-import shapes
+from lib import metrics
+from lib import shapes
 from model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CLIP, ModelConfig, contrastive_loss
 
 # -----------------------------------------------------------------------------

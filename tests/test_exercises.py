@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fdt
-import fdt_fast
+from lib import fdt_fast
 from fdt import FDT, QueryMap
 from model import CLIP, ModelConfig
 

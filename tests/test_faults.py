@@ -17,8 +17,8 @@ import torch
 import data
 import eval as evaluation
 import fdt
-import fdt_fast
-import shapes
+from lib import fdt_fast
+from lib import shapes
 import train
 from model import CLIP, PRESETS, load_checkpoint, save_checkpoint
 

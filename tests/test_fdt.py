@@ -4,9 +4,9 @@ the FDT layer's masking, and its max-pooled relevance against plain autograd."""
 import pytest
 import torch
 
-import fdt_fast
+from lib import fdt_fast
 from fdt import FDT, QueryMap, sparsemax
-from fdt_fast import MaxPooledRelevance
+from lib.fdt_fast import MaxPooledRelevance
 
 
 def sparsemax_bisection(x, dim=-1, iters=200):

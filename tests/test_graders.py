@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metrics
+from lib import metrics
 import train
 from data import EOT, PAD
 from fdt import sparsemax

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from prepare_coco import download_coco
+from tools.prepare_coco import download_coco
 
 # -----------------------------------------------------------------------------
 # download

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import data
-import shapes
+from lib import shapes
 
 
 @pytest.fixture(scope="module")

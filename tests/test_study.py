@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import study
+from tools import study
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data
-import shapes
+from lib import shapes
 import train
 from model import CLIP, config_from_dict
 
@@ -155,7 +155,7 @@ def test_fewer_images_than_a_batch_is_a_clear_error(shapes_root, tmp_path):
 
 
 def test_missing_coco_says_how_to_get_it(tmp_path):
-    with pytest.raises(SystemExit, match="prepare_coco.py"):
+    with pytest.raises(SystemExit, match="tools.prepare_coco"):
         train.main(["--data", "coco", "--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
 
 

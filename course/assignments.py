@@ -1,5 +1,5 @@
 """The assignments assign.py hands out: which functions each stubs, what it teaches, which tests
-grade it, and the expected student time. Edit this list to add one; `python assign.py --verify`
+grade it, and the expected student time. Edit this list to add one; `python -m course.assign --verify`
 checks every grader list against a stubbed copy (rerun it after changing the tests)."""
 
 # Tests that stop when anything the model or the training loop needs is missing: a stubbed piece on
@@ -36,7 +36,7 @@ def fdt_tests(*names):
 # name -> teaches (one line), functions ("file.py:Qualname"), graders (pytest node ids; an id without
 # its [parameters] stands for all of them), minutes (expected student time, reading included).
 # The graders are exactly the tests that fail once the functions are stubbed (and pass on the
-# reference), as `python assign.py --verify` finds them; rerun it after changing the tests.
+# reference), as `python -m course.assign --verify` finds them; rerun it after changing the tests.
 ASSIGNMENTS = {
     "sparsemax-threshold": dict(
         teaches="sparsemax's forward: the threshold tau from a descending sort (Martins & Astudillo 2016, Alg. 1)",
@@ -100,7 +100,7 @@ ASSIGNMENTS = {
     ),
     "retrieval-recall": dict(
         teaches="recall@1/5/10 both ways under the 5-captions protocol, ties counted against the model",
-        functions=["metrics.py:retrieval_metrics"],
+        functions=["lib/metrics.py:retrieval_metrics"],
         graders=["tests/test_graders.py::test_recall_counts_a_right_answer_at_rank_k_as_a_miss",
                  "tests/test_eval.py::test_retrieval_metrics_match_brute_force",
                  "tests/test_eval.py::test_perfect_embeddings_score_100",
@@ -120,7 +120,7 @@ ASSIGNMENTS = {
     ),
     "zeroshot-classifier": dict(
         teaches="prompt ensembling (Radford et al. 2021, 3.1.4): average normalised template embeddings, renormalise",
-        functions=["metrics.py:zeroshot_classifier"],
+        functions=["lib/metrics.py:zeroshot_classifier"],
         # the shapes zero-shot that train.py runs builds its classifier from shapes' prompts instead
         graders=["tests/test_eval.py::test_classifier_is_the_normalised_template_mean",
                  "tests/test_eval.py::test_imagefolder_matches_a_direct_computation"],

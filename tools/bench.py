@@ -4,8 +4,8 @@ Every row compares two implementations measured in the same run, in turns (a, b,
 so that load from other processes falls on both alike. A time is the median over the rounds; the
 ratio a / b is the median over the rounds of a's time over b's in the same round.
 
-    python bench.py [--quick] [--device cpu|cuda]
-    python bench.py --flops      # parameters and training FLOPs per pair of every preset
+    python -m tools.bench [--quick] [--device cpu|cuda]
+    python -m tools.bench --flops      # parameters and training FLOPs per pair of every preset
 
 Rows:
     sparsemax    fdt_fast.sparsemax (partial top-k, exact) vs fdt.sparsemax (full sort), and vs the `entmax`
@@ -47,9 +47,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import data  # noqa: E402
-import shapes  # noqa: E402
+from lib import shapes  # noqa: E402
 import fdt  # noqa: E402
-import fdt_fast  # noqa: E402
+from lib import fdt_fast  # noqa: E402
 from model import CLIP, PRESETS, contrastive_loss  # noqa: E402
 
 # dense bf16 tensor-core peak in TFLOP/s (vendors' data sheets), by GPU name, for the MFU;
@@ -331,7 +331,7 @@ def bench_loading(root, split="val",
 def bench_data(quick, root=SHAPES_ROOT):
     name = "data loading, shapes val"
     if quick and not shapes.ready(root):
-        return [skipped(name, f"no shapes dataset in {root} (python shapes.py): skipped with --quick")]
+        return [skipped(name, f"no shapes dataset in {root} (python -m lib.shapes): skipped with --quick")]
     shapes.prepare(root)
     rows = bench_loading(root, sizes=(64,), seconds=1.0) if quick else bench_loading(root)
     return [row(f"{name}, {r['image_size']} px", "prepared cache", f"decode per item ({r['pil_workers']} workers)",

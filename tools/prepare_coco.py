@@ -1,6 +1,6 @@
 """Download COCO 2017 (train2017, val2017 and the caption annotations) into the layout data.py reads.
 
-    python prepare_coco.py data/coco        # 19 GB of zips; resumable, verified, extracted in place
+    python -m tools.prepare_coco data/coco        # 19 GB of zips; resumable, verified, extracted in place
 
 Resumable HTTP Range downloads with a progress bar, size and md5 checks; a bad file is kept as
 `*.bad` for inspection. Finished zips are kept and never fetched again. Karpathy's split needs

@@ -341,7 +341,7 @@ def load_zeroshot(root: str | Path, image_size: int) -> dict:
     ann_file = root / "annotations" / "captions_zeroshot.json"
     if not ann_file.exists():
         raise FileNotFoundError(f"no shapes zero-shot split at {ann_file}: generate it with "
-                                f"`python shapes.py --root {root}`")
+                                f"`python -m lib.shapes --root {root}`")
     cs = data.read_caption_set(ann_file, root / "zeroshot", root / "cache" / f"zeroshot_{image_size}", image_size)
     colour = torch.tensor([COLOURS.index(e["objects"][0]["colour"]) for e in cs.entries])
     shape = torch.tensor([SHAPES.index(e["objects"][0]["shape"]) for e in cs.entries])

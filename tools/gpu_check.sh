@@ -4,7 +4,7 @@
 #   2. bench.py on CUDA: the base preset's step time, samples/s, model FLOPs utilisation, peak memory
 #   3. a 200-step base run (ViT-B/32, 16384 FDT tokens) on the shapes world, bf16
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 python -m pytest -m cuda -q
-python bench.py --device cuda
+python -m tools.bench --device cuda
 python train.py --preset base --steps 200 --device cuda --out runs/gpu-check

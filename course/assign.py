@@ -1,9 +1,9 @@
 """Course assignments: hand out a core piece of the project, let the tests grade it.
 
-    python assign.py --list                          the assignments, what each teaches, its graders
-    python assign.py OUT_DIR [NAME ...]               a student copy with NAME's functions stubbed (default: all)
-    python assign.py --grade SUBMISSION_DIR [NAME ...]  run NAME's graders in a student's folder: pass / fail
-    python assign.py --verify [NAME ...]             re-derive the graders: stub each assignment in a
+    python -m course.assign --list                          the assignments, what each teaches, its graders
+    python -m course.assign OUT_DIR [NAME ...]               a student copy with NAME's functions stubbed (default: all)
+    python -m course.assign --grade SUBMISSION_DIR [NAME ...]  run NAME's graders in a student's folder: pass / fail
+    python -m course.assign --verify [NAME ...]             re-derive the graders: stub each assignment in a
                                                      scratch copy and check that exactly its graders fail
 
 A student copy holds every file git tracks. In it each chosen function keeps its decorators,
@@ -30,9 +30,9 @@ import tokenize
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from assignments import ASSIGNMENTS
+from course.assignments import ASSIGNMENTS
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 
 # what a copy leaves out when the project is not a git checkout
 NOT_COPIED = {".git", "runs", "data", "__pycache__", ".pytest_cache"}
@@ -325,7 +325,7 @@ def main(argv=None):
     names = args.names or list(ASSIGNMENTS)
     unknown = [n for n in names if n not in ASSIGNMENTS]
     if unknown:
-        p.error(f"unknown assignment(s) {', '.join(unknown)}; python assign.py --list shows them")
+        p.error(f"unknown assignment(s) {', '.join(unknown)}; python -m course.assign --list shows them")
     if args.list:
         print_list()
     elif args.verify:
@@ -338,7 +338,7 @@ def main(argv=None):
         out = write_copy(args.folder, names)
         print(f"wrote a student copy to {out} with {len(names)} assignment(s) stubbed")
         print_graders(names)
-        print(f"grade it with: python {Path(__file__).name} --grade {out} {' '.join(args.names)}".rstrip())
+        print(f"grade it with: python -m course.assign --grade {out} {' '.join(args.names)}".rstrip())
     return 0
 
 
