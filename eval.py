@@ -37,8 +37,9 @@ from lib import benchmarks
 import data
 from lib import figures
 from lib import shapes
-from lib.metrics import (TEMPLATES, as_image_tensor, binding_accuracy, embed_images, embed_texts, heldout_accuracy,
-                     retrieval_metrics, zeroshot_accuracy, zeroshot_classifier)
+from lib.metrics import (TEMPLATES, as_image_tensor, binding_accuracy, embed_images, embed_texts,
+                         heldout_accuracy, linear_probe, marginal_probs, retrieval_metrics,
+                         topk_accuracy, zeroshot_accuracy, zeroshot_classifier)
 from model import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -47,12 +48,21 @@ from model import load_checkpoint, model_from_checkpoint
 
 def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, image_w=None):
     """Retrieval metrics on a caption set's first 5 captions per image, plus (FDT head) the mean
-    number of FDT tokens with non-zero weight per image and per caption."""
-    texts, text_to_image = data.retrieval_captions(caption_set)
+    number of FDT tokens with non-zero weight per image and per caption. A caption is right for
+    every image that has that exact sentence among its captions (in the shapes world many images
+    are "a red star"): finding another image with the same caption is not a miss."""
+    texts, _ = data.retrieval_captions(caption_set)
+    owners = {}                                               # sentence -> images it describes
+    for i, caps in enumerate(caption_set.captions):
+        for c in caps[:5]:
+            owners.setdefault(c, set()).add(i)
+    match = torch.zeros(len(caption_set.captions), len(texts), dtype=torch.bool)  # (N_img, N_txt)
+    for t, c in enumerate(texts):
+        match[list(owners[c]), t] = True
     if image_emb is None:
         image_emb, image_w = embed_images(model, caption_set.images, device, return_weights=True)
     text_emb, text_w = embed_texts(model, tokenizer, texts, device, return_weights=True)
-    metrics = retrieval_metrics(image_emb, text_emb, text_to_image)
+    metrics = retrieval_metrics(image_emb, text_emb, match)
     if image_w is not None:
         metrics["active_image"] = (image_w > 0).sum(dim=1).float().mean().item()
         metrics["active_text"] = (text_w > 0).sum(dim=1).float().mean().item()
@@ -79,23 +89,44 @@ def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1
     zs_colour, zs_pair, e.g. zs_shape_top5 for k > 1, and zs_heldout: on the images of the 8
     held-out pairs, never seen together in training, heldout_accuracy (chance 50 %).
 
-    A shape's classifier ensembles the prompts of that shape in every colour, a colour's those of
-    that colour with every shape: the classes are told apart by one word while the rest of the
-    sentence looks like a training caption."""
+    Every class is a (colour, shape) pair with its prompts averaged; a shape's probability is the
+    sum of its pairs' over the colours (metrics.marginal_probs), a colour's over the shapes."""
     zs = shapes.load_zeroshot(root, image_size)
     image_emb = embed_images(model, zs["images"], device)                     # (N, D)
     prompts = shapes_prompt_embeddings(model, tokenizer, device)              # (8, 8, P, D)
     pair = F.normalize(prompts.mean(dim=2), dim=-1)                           # (8, 8, D)
-    classifiers = {"shape": F.normalize(prompts.mean(dim=(0, 2)), dim=-1),    # (8, D)
-                   "colour": F.normalize(prompts.mean(dim=(1, 2)), dim=-1),   # (8, D)
-                   "pair": pair.flatten(0, 1)}                                # (64, D), colour * 8 + shape
+    scale = model.logit_scale.exp().clamp(max=100)
+    scores = {"shape": marginal_probs(image_emb, pair, scale, dim=0),         # (N, 8)
+              "colour": marginal_probs(image_emb, pair, scale, dim=1),        # (N, 8)
+              "pair": image_emb @ pair.flatten(0, 1).t()}                     # (N, 64), colour * 8 + shape
     metrics = {}
-    for task, classifier in classifiers.items():
-        for k, acc in zeroshot_accuracy(image_emb, classifier, zs["labels"][task], topk).items():
+    for task, score in scores.items():
+        for k, acc in topk_accuracy(score, zs["labels"][task], topk).items():
             metrics[f"zs_{task}" + ("" if k == "top1" else f"_{k}")] = acc
     held = zs["heldout"].to(device)
     metrics["zs_heldout"] = heldout_accuracy(image_emb[held], pair, zs["labels"]["colour"].to(device)[held],
                                              zs["labels"]["shape"].to(device)[held])
+    return metrics
+
+
+def evaluate_shapes_probe(model, root, image_size, device, n_train=4000):
+    """probe_shape, probe_colour: linear probes on the frozen image embeddings of the first
+    n_train shapes training images (labels: which shapes / colours each shows), scored on the
+    single objects of the zero-shot split. They say whether the image tower has learned shape
+    when the text side has not caught up."""
+    train = data.load_split("shapes", root, "train", image_size)
+    n = min(n_train, len(train.images))
+    train_emb = embed_images(model, train.images[:n], device)                 # (n, D)
+    zs = shapes.load_zeroshot(root, image_size)
+    test_emb = embed_images(model, zs["images"], device)                      # (M, D)
+    metrics = {}
+    for task, names in (("shape", shapes.SHAPES), ("colour", shapes.COLOURS)):
+        present = torch.zeros(n, len(names))                                  # (n, 8) multi-hot
+        for i, entry in enumerate(train.entries[:n]):
+            for o in entry["objects"]:
+                present[i, names.index(o[task])] = 1
+        metrics[f"probe_{task}"] = linear_probe(train_emb, present.to(device), test_emb,
+                                                zs["labels"][task])
     return metrics
 
 
@@ -180,6 +211,7 @@ def evaluate(model, tokenizer, source, root, device):
     metrics = evaluate_retrieval(model, tokenizer, val, device, image_emb, image_w)
     if source == "shapes":
         metrics.update(evaluate_shapes_zeroshot(model, tokenizer, root, size, device))
+        metrics.update(evaluate_shapes_probe(model, root, size, device))
         metrics.update(evaluate_binding(model, tokenizer, val, device, image_emb))
     return metrics
 

@@ -2,6 +2,7 @@
 the ImageFolder and CIFAR paths, the inspection figures, and the command line's error messages."""
 
 import itertools
+import math
 import json
 import re
 import warnings
@@ -66,6 +67,34 @@ def test_retrieval_metrics_match_brute_force(ties):
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-4), key
     assert 0 < got["i2t_r1"] < 100 and 0 < got["t2i_r10"] < 100     # the random case is not trivial
+
+
+def test_retrieval_with_shared_captions_matches_brute_force():
+    # 12 images, 5 captions each, drawn from 15 sentences: many sentences describe several images
+    g = torch.Generator().manual_seed(3)
+    n_images, dim = 12, 4
+    sentence = torch.randint(0, 15, (n_images, 5), generator=g)              # (N_img, 5)
+    texts = sentence.flatten()                                                # (60,) sentence ids
+    match = (sentence[:, :, None] == texts[None, None, :]).any(dim=1)         # (N_img, 60)
+    sentence_emb = torch.randn(15, dim, generator=g)
+    image_emb = sentence_emb[sentence].mean(dim=1) + 0.5 * torch.randn(n_images, dim, generator=g)
+    text_emb = sentence_emb[texts]                                            # equal sentences, equal embeddings
+    got = metrics.retrieval_metrics(image_emb, text_emb, match)
+    sim, right = (image_emb @ text_emb.t()).tolist(), match.tolist()
+    want = {}
+    ranks = {"i2t": [sorted(range(60), key=lambda t: (-sim[i][t], right[i][t])).index(
+                 next(t for t in sorted(range(60), key=lambda t: (-sim[i][t], right[i][t])) if right[i][t]))
+                 for i in range(n_images)],
+             "t2i": [next(r for r, i in enumerate(sorted(range(n_images), key=lambda i: (-sim[i][t], right[i][t])))
+                          if right[i][t]) for t in range(60)]}
+    for name, rank in ranks.items():
+        for k in (1, 5, 10):
+            want[f"{name}_r{k}"] = 100 * sum(r < k for r in rank) / len(rank)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-4), key
+    # with one owner per caption, an identical caption of another image would count as a miss
+    strict = metrics.retrieval_metrics(image_emb, text_emb, torch.arange(n_images).repeat_interleave(5))
+    assert strict["t2i_r1"] < got["t2i_r1"]
 
 
 def test_perfect_embeddings_score_100():
@@ -138,6 +167,35 @@ def test_classifier_is_the_normalised_template_mean(trained):
     for c, row in zip(classes, got):
         emb = metrics.embed_texts(model, tokenizer, [t.format(c) for t in templates], "cpu")
         torch.testing.assert_close(row, torch.nn.functional.normalize(emb.mean(0), dim=0))
+
+
+def test_marginal_probs_sum_pair_probabilities_by_hand():
+    g = torch.Generator().manual_seed(4)
+    image_emb = torch.randn(5, 6, generator=g)
+    pair = torch.randn(3, 4, 6, generator=g)                                  # 3 colours, 4 shapes
+    got_shape = metrics.marginal_probs(image_emb, pair, 2.0, dim=0)           # (5, 4)
+    got_colour = metrics.marginal_probs(image_emb, pair, 2.0, dim=1)          # (5, 3)
+    for n in range(5):
+        e = {(c, s): math.exp(2.0 * float(image_emb[n] @ pair[c, s])) for c in range(3) for s in range(4)}
+        total = sum(e.values())
+        for s in range(4):
+            assert got_shape[n, s] == pytest.approx(sum(e[c, s] for c in range(3)) / total, rel=1e-5)
+        for c in range(3):
+            assert got_colour[n, c] == pytest.approx(sum(e[c, s] for s in range(4)) / total, rel=1e-5)
+
+
+def test_linear_probe_reads_a_linear_signal_and_not_noise():
+    g = torch.Generator().manual_seed(5)
+    classes, dim = 8, 16
+    centres = 3 * torch.randn(classes, dim, generator=g)
+    present = (torch.rand(600, classes, generator=g) < 0.25).float()          # multi-hot training labels
+    train_x = present @ centres + torch.randn(600, dim, generator=g)
+    test_y = torch.randint(0, classes, (200,), generator=g)
+    test_x = centres[test_y] + torch.randn(200, dim, generator=g)
+    assert metrics.linear_probe(train_x, present, test_x, test_y) > 95
+    # the same features with labels unrelated to them: near chance (12.5 %)
+    shuffled = present[torch.randperm(600, generator=g)]
+    assert metrics.linear_probe(train_x, shuffled, test_x, test_y) < 40
 
 
 def test_heldout_accuracy_against_brute_force():
@@ -221,7 +279,8 @@ def test_zeroshot_beats_chance_on_shapes(trained):
 
 def test_evaluate_and_retrieval_cli(trained, capsys):
     m = evaluation.evaluate(trained["model"], trained["tokenizer"], "shapes", trained["root"], "cpu")
-    assert {"i2t_r1", "t2i_r10", "rsum", "active_image", "active_text", "zs_heldout", "bind_swap_colour"} <= set(m)
+    assert {"i2t_r1", "t2i_r10", "rsum", "active_image", "active_text", "zs_heldout", "bind_swap_colour",
+            "probe_shape", "probe_colour"} <= set(m)
     assert all(isinstance(v, float) for v in m.values())
     assert m["rsum"] > 150                                         # chance is ~63 for 50 images
     assert 1 <= m["active_image"] < 128 and 1 <= m["active_text"] < 128
