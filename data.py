@@ -69,18 +69,20 @@ class Tokenizer:
 
     @classmethod
     def build(cls, texts: Iterable[str], context_length: int, lowercase: bool = True) -> "Tokenizer":
-        seen = set()
-        enc = bpe_encoding()
-        for text in texts:
-            seen.update(enc.encode_ordinary(text.lower() if lowercase else text))
+        tokenizer = cls([], context_length, lowercase)
+        seen = {i for text in texts for i in tokenizer.bpe(text)}
         return cls(sorted(seen), context_length, lowercase)  # sorted: the same captions give the same vocabulary
+
+    def bpe(self, text: str) -> list[int]:
+        """The tiktoken ids of a text (lower-cased first if the tokenizer is)."""
+        return self.enc.encode_ordinary(text.lower() if self.lowercase else text)
 
     def encode(self, texts: list[str]) -> torch.LongTensor:
         """(B, context_length): ids, then EOT, then PAD. Long texts are cut so that EOT stays: the
         text tower may read its feature at the EOT position."""
         out = np.full((len(texts), self.context_length), PAD, dtype=np.int64)
         for row, text in zip(out, texts):  # (tiktoken's encode_*_batch is ~10x slower on short texts)
-            ids = self.enc.encode_ordinary(text.lower() if self.lowercase else text)[: self.context_length - 1]
+            ids = self.bpe(text)[: self.context_length - 1]
             row[: len(ids)] = self._to_compact[ids]
             row[len(ids)] = EOT
         return torch.from_numpy(out)
@@ -89,7 +91,7 @@ class Tokenizer:
         """The BPE pieces of `texts` that never occurred in training (they all become UNK)."""
         pieces = set()
         for text in texts:
-            for i in self.enc.encode_ordinary(text.lower() if self.lowercase else text):
+            for i in self.bpe(text):
                 if self._to_compact[i] == UNK:
                     pieces.add(self.enc.decode_single_token_bytes(i).decode("utf-8", "replace"))
         return sorted(pieces)

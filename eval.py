@@ -37,7 +37,7 @@ from lib import benchmarks
 import data
 from lib import figures
 from lib import shapes
-from lib.metrics import (TEMPLATES, as_image_tensor, binding_accuracy, embed_images, embed_texts,
+from lib.metrics import (TEMPLATES, active_tokens, as_image_tensor, binding_accuracy, embed_images, embed_texts,
                          heldout_accuracy, linear_probe, marginal_probs, retrieval_metrics,
                          topk_accuracy, zeroshot_accuracy, zeroshot_classifier)
 from model import load_checkpoint, model_from_checkpoint
@@ -64,8 +64,8 @@ def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, im
     text_emb, text_w = embed_texts(model, tokenizer, texts, device, return_weights=True)
     metrics = retrieval_metrics(image_emb, text_emb, match)
     if image_w is not None:
-        metrics["active_image"] = (image_w > 0).sum(dim=1).float().mean().item()
-        metrics["active_text"] = (text_w > 0).sum(dim=1).float().mean().item()
+        metrics["active_image"] = active_tokens(image_w)
+        metrics["active_text"] = active_tokens(text_w)
     return metrics
 
 

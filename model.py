@@ -5,7 +5,7 @@ for the encoders, initialisation and loss; Chen et al., CVPR 2023, Section 3 for
 
     images (B, 3, H, W) -> VisionTransformer -> CLS (B, Wv), patches (B, N, Wv)
     tokens (B, L)       -> TextTransformer   -> EOT (B, Wt), every token (B, L, Wt), real-token mask
-    head "proj": Linear(CLS) and Linear(EOT)                              (the CLIP baseline)
+    head "clip": Linear(CLS) and Linear(EOT)                              (the CLIP baseline)
     head "fdt":  QueryMap(patches) and QueryMap(tokens) -> one shared FDT  (CLIP+FDT)
     -> L2-normalised embeddings (B, D) -> contrastive_loss
 
@@ -42,7 +42,7 @@ class ModelConfig:
     text_layers: int = 4
     text_heads: int = 4
     # head
-    head: str = "fdt"             # "fdt" (CLIP+FDT) or "proj" (the CLIP baseline)
+    head: str = "fdt"             # "fdt" (CLIP+FDT) or "clip" (the baseline: a projection)
     embed_dim: int = 128          # the joint space; also the FDT token dimension (d_fdt)
     n_fdt: int = 1024             # official: 16384 (the base preset); 1024 keeps the tiny model fast on CPU
     fdt_temperature: float = 30.0  # at T = 1 sparsemax keeps ~1 token and nothing trains; see README
@@ -182,8 +182,8 @@ class TextTransformer(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.head not in ("fdt", "proj"):
-            raise ValueError(f"head must be 'fdt' or 'proj', got {config.head!r}")
+        if config.head not in ("fdt", "clip"):
+            raise ValueError(f"head must be 'fdt' or 'clip', got {config.head!r}")
         self.config = config
         c = config
         self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads, c.stem)
@@ -217,7 +217,7 @@ class CLIP(nn.Module):
         nn.init.normal_(self.visual.pos, std=self.config.vision_width ** -0.5)
         nn.init.normal_(self.text.token_embed.weight, std=0.02)
         nn.init.normal_(self.text.pos, std=0.01)
-        if self.config.head == "proj":
+        if self.config.head == "clip":
             nn.init.normal_(self.image_proj.weight, std=self.config.vision_width ** -0.5)
             nn.init.normal_(self.text_proj.weight, std=self.config.text_width ** -0.5)
 

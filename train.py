@@ -30,11 +30,10 @@ import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lib import augment as augmentation
 import data
 import eval as evaluation  # evaluate() after each epoch: read it as a black box here, in eval.py / metrics.py next
-from lib import figures
-from lib import shapes
+from lib import augment, figures, shapes
+from lib.metrics import active_tokens
 from model import CLIP, PRESETS, contrastive_loss, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -178,7 +177,7 @@ def global_contrastive_loss(image_emb, text_emb, logit_scale, rank, world_size):
     return contrastive_loss(image_emb, text_emb, logit_scale, all_image, all_text, offset=rank * image_emb.shape[0])
 
 
-def augment(images, args, step, local):
+def model_input(images, args, step, local):
     """uint8 batch -> normalised float, augmented as --augment says. The random draws are for the
     global batch, from (seed, step), this process's rows kept: a resumed run redraws the same
     augmentation and N processes augment exactly as one process would."""
@@ -186,8 +185,8 @@ def augment(images, args, step, local):
         return data.preprocess(images)
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     if args.augment == "crop":
-        return augmentation.crop(images, torch.rand(args.batch_size, 4, generator=g)[local])
-    return augmentation.mocov2(images, torch.rand(args.batch_size, augmentation.MOCOV2_DRAWS, generator=g)[local])
+        return augment.crop(images, torch.rand(args.batch_size, 4, generator=g)[local])
+    return augment.mocov2(images, torch.rand(args.batch_size, augment.MOCOV2_DRAWS, generator=g)[local])
 
 
 # -----------------------------------------------------------------------------
@@ -308,7 +307,7 @@ def run(args, device, rank, world_size):
         raise SystemExit(f"error: {e}") from None
 
     # --- model, optimiser, resume ------------------------------------------------
-    overrides = {"head": "fdt" if args.model == "fdt" else "proj", "vocab_size": tokenizer.vocab_size}
+    overrides = {"head": args.model, "vocab_size": tokenizer.vocab_size}
     for key in ("fdt_activation", "n_fdt", "fdt_temperature", "logit_scale_init"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -383,7 +382,7 @@ def run(args, device, rank, world_size):
             lr = lr_at(step, total_steps, args.warmup, args.lr, args.warmup_from)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = augment(images.to(device), args, step, loader.local)
+            images = model_input(images.to(device), args, step, loader.local)
             tokens = tokens.to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 image_emb, text_emb, image_w, text_w = model(images, tokens)
@@ -412,8 +411,8 @@ def run(args, device, rank, world_size):
                           "lr": lr, "grad_norm": grad_norm.item(), "logit_scale": raw_model.logit_scale.exp().item(),
                           "samples_per_s": samples_since / (time.time() - t_last)}
                 if image_w is not None:
-                    record["active_image"] = (image_w > 0).sum(-1).float().mean().item()
-                    record["active_text"] = (text_w > 0).sum(-1).float().mean().item()
+                    record["active_image"] = active_tokens(image_w)
+                    record["active_text"] = active_tokens(text_w)
                 history.append(record)
                 t_last, samples_since = time.time(), 0
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in

@@ -70,6 +70,11 @@ def embed_texts(model, tokenizer, texts, device, batch_size=1024, return_weights
     return _encode_all(model.encode_text, batches, device, return_weights)
 
 
+def active_tokens(weights):
+    """The mean number of FDT tokens with a non-zero weight per row of weights (N, n_fdt)."""
+    return (weights > 0).sum(dim=-1).float().mean().item()
+
+
 # -----------------------------------------------------------------------------
 # retrieval
 

@@ -267,7 +267,7 @@ def trained(tmp_path_factory):
 
     torch.manual_seed(0)
     return {"root": root, "model": model, "tokenizer": tokenizer, "ckpt": save(out / "ckpt.pt", model),
-            "proj_ckpt": save(tmp_path_factory.mktemp("proj") / "ckpt.pt", CLIP(replace(config, head="proj")))}
+            "proj_ckpt": save(tmp_path_factory.mktemp("clip") / "ckpt.pt", CLIP(replace(config, head="clip")))}
 
 
 def test_zeroshot_beats_chance_on_shapes(trained):

@@ -19,7 +19,7 @@ from model import CLIP, PRESETS, contrastive_loss
 # the text tower reads the end-of-text token, not the one before or after it
 
 
-def small_text_model(head="proj"):
+def small_text_model(head="clip"):
     config = replace(PRESETS["tiny"], head=head, vocab_size=40, context_length=10, text_width=32,
                      text_layers=2, text_heads=2, embed_dim=16, n_fdt=64)
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ def batch(config, B, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-@pytest.mark.parametrize("head", ["fdt", "proj"])
+@pytest.mark.parametrize("head", ["fdt", "clip"])
 def test_shapes_for_every_preset_and_head(name, head):
     config = replace(PRESETS[name], head=head)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_text_features_ignore_padding():
     torch.testing.assert_close(wa, ws, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("head", ["fdt", "proj"])
+@pytest.mark.parametrize("head", ["fdt", "clip"])
 def test_loss_at_init_near_log_batch(head):
     config = replace(PRESETS["tiny"], head=head, vocab_size=100, logit_scale_init=1 / 0.07)
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def test_contrastive_loss_matches_by_hand():
     assert contrastive_loss(img, img, torch.tensor(math.log(100))) < 0.01
 
 
-@pytest.mark.parametrize("head", ["fdt", "proj"])
+@pytest.mark.parametrize("head", ["fdt", "clip"])
 def test_a_few_steps_lower_the_loss(head):
     config = ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
                          vocab_size=60, context_length=12, text_width=64, text_layers=2, text_heads=2,

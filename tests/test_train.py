@@ -41,7 +41,7 @@ def test_end_to_end(shapes_root, tmp_path, model):
         assert 0 <= metrics[key] <= (600 if key == "rsum" else 100)
     assert ("active_image" in metrics) == (model == "fdt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)   # no pickled objects inside
-    assert ckpt["step"] == 4 and ckpt["model_config"]["head"] == ("fdt" if model == "fdt" else "proj")
+    assert ckpt["step"] == 4 and ckpt["model_config"]["head"] == model
     tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
     assert tokenizer.vocab_size == ckpt["model_config"]["vocab_size"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -128,7 +128,7 @@ def test_mismatched_resume_names_every_difference(shapes_root, tmp_path):
     lines = str(e.value).splitlines()
     assert lines[0] == "error: cannot resume: the checkpoint was trained with other settings:"
     assert sorted(line.strip() for line in lines[1:]) == sorted([
-        "model.n_fdt: checkpoint 1024, now 256", "model.head: checkpoint 'fdt', now 'proj'",
+        "model.n_fdt: checkpoint 1024, now 256", "model.head: checkpoint 'fdt', now 'clip'",
         "seed: checkpoint 0, now 1", "amp: checkpoint 'off', now 'bf16'", "grad_clip: checkpoint 1.0, now 0.5"])
     other = tmp_path.parent / (tmp_path.name + "-copy")
     shutil.copytree(shapes_root, other)

@@ -232,7 +232,7 @@ def compare_steps(steps, device, reps):
 def bench_train_step(device, reps, batch_size):
     config = PRESETS["tiny"]
     images, tokens = random_batch(config, batch_size, device)
-    fast, clip, plain = (build(replace(config, head=head), device) for head in ("fdt", "proj", "fdt"))
+    fast, clip, plain = (build(replace(config, head=head), device) for head in ("fdt", "clip", "fdt"))
     # the same model with the plain FDT layer of fdt.py: autograd through the relevances, full sort
     c = plain.config
     plain.fdt = fdt.FDT(c.n_fdt, c.embed_dim, c.fdt_temperature, c.fdt_activation).to(device)
@@ -267,7 +267,7 @@ def open_clip_model(config):
 
 def bench_open_clip(device, reps, batch_size):
     name = f"train step, tiny CLIP, batch {batch_size}"
-    config = replace(PRESETS["tiny"], head="proj")
+    config = replace(PRESETS["tiny"], head="clip")
     try:
         theirs = open_clip_model(config).to(device)
     except ImportError:
@@ -346,7 +346,7 @@ def bench_base_cuda(device, reps, batch_size):
     config = PRESETS["base"]
     images, tokens = random_batch(config, batch_size, device)
     steps = {head: TrainStep(build(replace(config, head=head), device), encode_ours, images, tokens, amp=True)
-             for head in ("fdt", "proj")}
+             for head in ("fdt", "clip")}
     flops = {}
     for head, step in steps.items():
         with FlopCounterMode(display=False) as counter:
@@ -357,14 +357,14 @@ def bench_base_cuda(device, reps, batch_size):
     peak = next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in gpu), None)
     seconds = {head: median_ms(t, head) / 1e3 for head in steps}
     mfu = {head: f"{flops[head] / seconds[head] / peak:.1%}" if peak else "n/a" for head in steps}
-    note = (f"samples/s {batch_size / seconds['fdt']:,.0f} vs {batch_size / seconds['proj']:,.0f}; MFU {mfu['fdt']} "
-            f"vs {mfu['proj']} ({flops['fdt'] / 1e12:.2f} vs {flops['proj'] / 1e12:.2f} TFLOP/step counted by "
+    note = (f"samples/s {batch_size / seconds['fdt']:,.0f} vs {batch_size / seconds['clip']:,.0f}; MFU {mfu['fdt']} "
+            f"vs {mfu['clip']} ({flops['fdt'] / 1e12:.2f} vs {flops['clip'] / 1e12:.2f} TFLOP/step counted by "
             f"FlopCounterMode, peak {peak / 1e12 if peak else 'unknown'} TFLOP/s bf16)")
     name = f"train step, base, bf16, batch {batch_size}"
-    return [row(name, "CLIP+FDT", "CLIP", median_ms(t, "fdt"), median_ms(t, "proj"), "ms",
-                paired_ratio(t, "fdt", "proj"), "<= 1.25", note),
-            row(name, "CLIP+FDT", "CLIP", mem["fdt"] / 2**20, mem["proj"] / 2**20, "MiB",
-                mem["fdt"] / mem["proj"], "<= 1.30")]
+    return [row(name, "CLIP+FDT", "CLIP", median_ms(t, "fdt"), median_ms(t, "clip"), "ms",
+                paired_ratio(t, "fdt", "clip"), "<= 1.25", note),
+            row(name, "CLIP+FDT", "CLIP", mem["fdt"] / 2**20, mem["clip"] / 2**20, "MiB",
+                mem["fdt"] / mem["clip"], "<= 1.30")]
 
 
 # -----------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def count_flops():
     head, counted by torch's FlopCounterMode on one CPU step of a batch of 2."""
     rows = []
     for name, preset in PRESETS.items():
-        for head in ("proj", "fdt"):
+        for head in ("clip", "fdt"):
             model = CLIP(replace(preset, head=head))
             images, tokens = random_batch(preset, 2, "cpu")
             with FlopCounterMode(display=False) as counter:
