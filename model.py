@@ -15,6 +15,7 @@ being compared.
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -303,7 +304,12 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable FDT-CLIP checkpoint ({type(e).__name__}: {e})") from None
+        # torch's message for a file it refuses to unpickle advises weights_only=False, which would
+        # run whatever the file holds: keep only the reason (its "WeightsUnpickler error" line)
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(\. |\n|$)", str(e))
+        reason = reason.group(1) if reason else (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} is not a readable FDT-CLIP checkpoint "
+                         f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an FDT-CLIP checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
     missing = [key for key in ("model", "model_config", "tokenizer") if key not in ckpt]
@@ -330,8 +336,25 @@ def save_checkpoint(path, model, tokenizer, data_source, **train_state):
     os.replace(tmp, path)
 
 
+def load_weights(model, state):
+    """model.load_state_dict(state), but weights that do not fit the model are one line naming a
+    few of the keys that differ, not torch's list of every one."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k}: {tuple(getattr(state[k], 'shape', ()))}, config {tuple(own[k].shape)}"
+                for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
+    problems = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("of another shape", reshaped)) if keys]
+    if problems:
+        raise ValueError("the checkpoint's weights do not match its model config: "
+                         + "; ".join(problems))
+    model.load_state_dict(state)
+
+
 def model_from_checkpoint(ckpt):
     """Rebuild the CLIP model stored in a checkpoint dict (from load_checkpoint)."""
     model = CLIP(config_from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"])
     return model

@@ -8,17 +8,19 @@
 One flat loop in the spirit of nanoGPT's train.py: AdamW (betas 0.9 / 0.98, no weight decay on
 norms, biases and the logit scale, as in CLIP and the FDT paper), linear warm-up then cosine decay,
 gradient clipping, bf16 / fp16 autocast, an atomic checkpoint and then an evaluation every epoch
-(or every --eval-every epochs; and on Ctrl-C), exact resume, and DistributedDataParallel with a
-contrastive loss over the global batch. `--recipe paper` switches every setting to the official
-configuration (README, "This project's defaults vs the paper's").
+(or every --eval-every epochs; and on Ctrl-C or SIGTERM), exact resume, and
+DistributedDataParallel with a contrastive loss over the global batch. `--recipe paper` switches
+every setting to the official configuration (README, "This project's defaults vs the paper's").
 """
 
 import argparse
 import fcntl
+import hashlib
 import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
@@ -34,7 +36,7 @@ import data
 import eval as evaluation  # evaluate() after each epoch: read it as a black box here, in eval.py / metrics.py next
 from lib import augment, figures, shapes
 from lib.metrics import active_tokens
-from model import CLIP, PRESETS, contrastive_loss, load_checkpoint, save_checkpoint
+from model import CLIP, PRESETS, contrastive_loss, load_checkpoint, load_weights, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # every default, in one place. DEFAULTS trains the tiny model on the shapes world on a 2-core CPU;
@@ -79,6 +81,27 @@ PAPER = dict(preset="base", epochs=32, batch_size=1024, warmup=2500, warmup_from
              augment="mocov2", amp="off", fdt_temperature=1000.0, logit_scale_init=1 / 0.07)
 
 
+def number(kind, low=-math.inf, high=math.inf, low_open=False):
+    """argparse type: a finite int or float in [low, high] ((low, high] with low_open). A check
+    such as `x <= 0` lets nan through (every comparison with nan is False), so nan and inf are
+    refused here, once for every numeric flag, with the values out of range."""
+    what = "an integer" if kind is int else "a finite number"
+    bounds = " and ".join(([f"> {low}" if low_open else f">= {low}"] if low > -math.inf else [])
+                          + ([f"<= {high}"] if high < math.inf else []))
+
+    def parse(text):
+        try:
+            x = kind(text)
+            ok = math.isfinite(x) and (low < x if low_open else low <= x) and x <= high
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}".rstrip()
+                                             + f", got {text!r}")
+        return x
+    return parse
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
@@ -88,59 +111,56 @@ def parse_args(argv):
     add("--data-dir", help="dataset root")
     add("--preset", choices=sorted(PRESETS), help="model size (model.PRESETS)")
     add("--model", choices=["fdt", "clip"], help="the FDT head or the CLIP projection head")
-    add("--epochs", type=int, help="passes over the training set (ignored with --steps)")
-    add("--steps", type=int, help="total optimiser steps")
-    add("--batch-size", type=int, help="global batch size, over all processes")
-    add("--lr", type=float, help="peak learning rate")
-    add("--weight-decay", type=float)
-    add("--warmup", type=int, help="linear warm-up steps")
-    add("--warmup-from", type=float, help="learning rate at step 0 of the warm-up")
-    add("--grad-clip", type=float, help="max gradient norm (0: off)")
-    add("--logit-scale-min", type=float, help="lower clamp of the log inverse temperature")
-    add("--logit-scale-max", type=float, help="upper clamp of the log inverse temperature")
+    add("--epochs", type=number(int, 1), help="passes over the training set (ignored with --steps)")
+    add("--steps", type=number(int, 1), help="total optimiser steps")
+    add("--batch-size", type=number(int, 1), help="global batch size, over all processes")
+    add("--lr", type=number(float, 0, 1, low_open=True), help="peak learning rate")
+    add("--weight-decay", type=number(float, 0))
+    add("--warmup", type=number(int, 0), help="linear warm-up steps")
+    add("--warmup-from", type=number(float, 0, 1), help="learning rate at step 0 of the warm-up")
+    add("--grad-clip", type=number(float, 0), help="max gradient norm (0: off)")
+    add("--logit-scale-min", type=number(float), help="lower clamp of the log inverse temperature")
+    add("--logit-scale-max", type=number(float), help="upper clamp of the log inverse temperature")
     add("--freeze-patch-embed", action=argparse.BooleanOptionalAction,
         help="keep the ViT's patch embedding at its initialisation")
     add("--amp", choices=["bf16", "fp16", "off"], help="autocast precision")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     add("--fdt-activation", choices=["sparsemax", "softmax"])
-    add("--n-fdt", type=int, help="number of FDT tokens")
-    add("--fdt-temperature", type=float)
-    add("--logit-scale-init", type=float, help="initial inverse temperature")
+    add("--n-fdt", type=number(int, 1), help="number of FDT tokens")
+    add("--fdt-temperature", type=number(float, 0, low_open=True))
+    add("--logit-scale-init", type=number(float, 0, low_open=True),
+        help="initial inverse temperature")
     add("--augment", choices=["crop", "mocov2", "none"],
         help="a mild random resized crop, or MoCo v2's augmentation (the paper's)")
     add("--batching", choices=["grouped", "random"])
-    add("--seed", type=int)
+    add("--seed", type=number(int, 0, 2**32 - 1))
     add("--out", help="run folder")
     add("--resume", action="store_true", help="continue from <out>/ckpt.pt with the same settings")
+    add("--overwrite", action="store_true",
+        help="start afresh in an --out that holds a checkpoint, replacing it")
     add("--extend", action="store_true",
         help="with --resume: allow a longer (or shorter) run than the checkpoint's; the schedule is "
              "recomputed for the new length, so the result differs from a run of that length")
     add("--device", help="cpu, cuda, cuda:1 ...")
-    add("--workers", type=int, help="data loader read-ahead threads")
-    add("--eval-every", type=int, help="checkpoint and evaluate every N epochs")
+    add("--workers", type=number(int, 0), help="data loader read-ahead threads")
+    add("--eval-every", type=number(int, 1), help="checkpoint and evaluate every N epochs")
     args = p.parse_args(argv)
     for key, value in (DEFAULTS | (PAPER if args.recipe == "paper" else {})).items():
         if getattr(args, key) is None:          # not given on the command line
             setattr(args, key, value)
-    for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be at least 1")
-    if args.lr <= 0:
-        p.error("--lr must be positive")
-    for name in ("weight_decay", "warmup", "warmup_from", "grad_clip", "workers"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative")
-    if args.n_fdt is not None and args.n_fdt < 1:
-        p.error("--n-fdt must be at least 1")
-    for name in ("fdt_temperature", "logit_scale_init"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
     if args.logit_scale_min > args.logit_scale_max:
         p.error("--logit-scale-min is above --logit-scale-max")
     if args.extend and not args.resume:
         p.error("--extend only makes sense with --resume")
+    if args.overwrite and args.resume:
+        p.error("--overwrite starts afresh and --resume continues: pass one of them")
+    if args.n_fdt is not None:   # refused before an allocation that would fail or swap
+        need = args.n_fdt * PRESETS[args.preset].embed_dim * 4 * 4  # fp32: weights, grad, Adam x 2
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > ram:
+            p.error(f"--n-fdt {args.n_fdt}: the FDT tokens alone need {need / 2**30:.0f} GiB "
+                    f"(weights, gradient and AdamW's two states); this machine has "
+                    f"{ram / 2**30:.0f} GiB")
     args.augment = args.augment or ("none" if args.data == "shapes" else "crop")
     args.data_dir = args.data_dir or f"data/{args.data}"
     args.out = args.out or f"runs/{args.data}-{args.model}-{args.preset}"
@@ -192,11 +212,51 @@ def model_input(images, args, step, local):
 # -----------------------------------------------------------------------------
 # setup, checkpoints, resume
 
+def check_paths(args):
+    """Mistakes in --out and --data-dir, each refused in one line before anything is read or
+    written. A run folder that holds a checkpoint is only continued (--resume) or, when asked,
+    replaced (--overwrite): starting afresh in it would overwrite ckpt.pt and metrics.jsonl."""
+    out, root = Path(args.out), Path(args.data_dir)
+    if root.exists() and not root.is_dir():
+        raise SystemExit(f"error: --data-dir {root} is a file; pass the dataset's folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is under {existing}, which is a file"
+        raise SystemExit(f"error: --out {out} {where}; pass a folder for the run")
+    ckpt_path = out / "ckpt.pt"
+    if args.resume and not ckpt_path.exists():
+        raise SystemExit(f"error: --resume: there is no checkpoint at {ckpt_path}; "
+                         "check --out, or start the run without --resume")
+    if ckpt_path.exists() and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: {out} already holds a run (its checkpoint {ckpt_path}): continue "
+                         "it with --resume, or pass another --out (--overwrite replaces it)")
+
+
+def pick_device(name):
+    """--device as a torch.device, refused in one line when this machine has no such device."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+             "mps": int(torch.backends.mps.is_available())}
+    if device is None or device.type not in count:
+        raise SystemExit(f"error: --device {name!r} is not a device; "
+                         "expected cpu, cuda, cuda:N or mps")
+    n = count[device.type]
+    if (device.index or 0) >= n:
+        has = f"no {device.type} device" if n == 0 else f"{device.type}:0 to {device.type}:{n - 1}"
+        raise SystemExit(f"error: --device {name}: this machine has {has}; use --device cpu")
+    return device
+
+
 def setup_processes(args):
     """-> device, rank, world_size. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -211,8 +271,13 @@ def setup_processes(args):
 def locked_run_folder(out):
     """An exclusive lock on <out>/lock while the run lasts: a second run on the same folder would
     interleave checkpoints. The OS drops the lock when the process dies, even by kill -9."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "lock", "w") as handle:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / "lock", "w")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in --out {out} ({e.strerror}); "
+                         "pass another --out") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,14 +286,35 @@ def locked_run_folder(out):
         yield
 
 
-def run_settings(args, config, total_steps):
-    """Every setting that changes the result: a resumed run must have the same ones."""
+def model_config(args, vocab_size):
+    """The preset, with the model flags given."""
+    overrides = {"head": args.model, "vocab_size": vocab_size}
+    for key in ("fdt_activation", "n_fdt", "fdt_temperature", "logit_scale_init"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return replace(PRESETS[args.preset], **overrides)
+
+
+def data_fingerprint(cs, root):
+    """What a resumed run must find again in its training split: its image files (names within
+    the data folder, sizes) and its captions, each as a short hash."""
+    def digest(obj):
+        return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:16]
+    return {"images": len(cs.image_files),
+            "file names": digest([os.path.relpath(f, root) for f in cs.image_files]),
+            "file sizes": digest([os.path.getsize(f) for f in cs.image_files]),
+            "captions": digest(cs.captions)}
+
+
+def run_settings(args, config):
+    """Every setting that changes the result and needs no data: a resumed run must have the same
+    ones (and the same total_steps and train_data, added once the data is read)."""
     return {"model": asdict(config), "data": args.data, "data_dir": str(Path(args.data_dir).resolve()),
             "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
             "warmup_from": args.warmup_from, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
             "logit_scale_min": args.logit_scale_min, "logit_scale_max": args.logit_scale_max,
             "freeze_patch_embed": args.freeze_patch_embed, "amp": args.amp, "augment": args.augment,
-            "batching": args.batching, "total_steps": total_steps}
+            "batching": args.batching}
 
 
 def check_resumable(ckpt, settings, extend):
@@ -240,23 +326,43 @@ def check_resumable(ckpt, settings, extend):
         if key == "model":
             diffs += [f"model.{k}: checkpoint {stored.get('model', {}).get(k)!r}, now {v!r}"
                       for k, v in now.items() if stored.get("model", {}).get(k) != v]
+        elif key == "train_data":   # checkpoints written before it was recorded have none
+            changed = [k for k in now if key in stored and stored[key].get(k) != now[k]]
+            if changed:
+                diffs.append("train_data: the training split changed since the checkpoint: "
+                             + ", ".join(f"images {stored[key][k]} -> {now[k]}" if k == "images"
+                                         else f"other {k}" for k in changed))
         elif stored.get(key) != now and not (key == "total_steps" and extend):
             hint = " (pass --extend to train for another length)" if key == "total_steps" else ""
             diffs.append(f"{key}: checkpoint {stored.get(key)!r}, now {now!r}{hint}")
     if diffs:
         raise SystemExit("error: cannot resume: the checkpoint was trained with other settings:\n  "
                          + "\n  ".join(diffs))
-    if settings["total_steps"] < ckpt["step"]:
+    if settings.get("total_steps", math.inf) < ckpt["step"]:
         raise SystemExit(f"error: the checkpoint is at step {ckpt['step']}, past the {settings['total_steps']} "
                          "steps asked for")
 
 
 def read_history(out, step):
-    """metrics.jsonl up to `step` (the checkpoint's): it is written right after each checkpoint."""
-    metrics = out / "metrics.jsonl"
+    """metrics.jsonl up to `step` (the checkpoint's): it is written right after each checkpoint.
+    A damaged line stops the resume instead of being skipped: the file is rewritten at the next
+    checkpoint, and a skipped line would be lost with it."""
+    metrics, history = out / "metrics.jsonl", []
     if not metrics.exists():
-        return []
-    return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= step]
+        return history
+    for n, line in enumerate(metrics.read_bytes().splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:          # not JSON, or not UTF-8
+            record = None
+        if not (isinstance(record, dict) and record.get("kind") in ("train", "eval")
+                and isinstance(record.get("step"), int)):
+            raise SystemExit(f"error: cannot resume: {metrics} line {n} is not a metrics record "
+                             f"({line[:60]!r}); repair or delete that line (the checkpoint is "
+                             "intact)")
+        if record["step"] <= step:
+            history.append(record)
+    return history
 
 
 def write_history(out, history):
@@ -269,6 +375,7 @@ def write_history(out, history):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_paths(args)
     device, rank, world_size = setup_processes(args)
     with locked_run_folder(Path(args.out)) if rank == 0 else nullcontext():
         return run(args, device, rank, world_size)
@@ -284,22 +391,31 @@ def run(args, device, rank, world_size):
     out, root, preset = Path(args.out), Path(args.data_dir), PRESETS[args.preset]
     ckpt_path = out / "ckpt.pt"
 
+    # --- resume: the checkpoint, its history and every setting that needs no data are checked
+    # before any data is read: a wrong flag costs seconds, not a cache build
+    ckpt, history = None, []
+    if args.resume:
+        try:
+            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: cannot resume: {e}") from None
+        tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
+        config = model_config(args, tokenizer.vocab_size)
+        check_resumable(ckpt, run_settings(args, config), args.extend)
+        history = read_history(out, ckpt["step"])
+
     # --- data: every split the run reads is checked (and cached) before the first step ----------
     if args.data == "shapes" and master and not shapes.ready(root):
         shapes.prepare(root)
     if world_size > 1:
         dist.barrier()                              # other ranks wait for the generated data
-    ckpt = None
-    try:   # missing or unreadable data and checkpoints: the message, not a traceback
+    try:   # missing or unreadable data: the message, not a traceback
         train_set = data.load_split(args.data, root, "train", preset.image_size)
         if master:
             data.load_split(args.data, root, evaluation.EVAL_SPLIT[args.data], preset.image_size)
             if args.data == "shapes":
                 shapes.load_zeroshot(root, preset.image_size)
-        if args.resume:
-            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-            tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
-        else:
+        if ckpt is None:
             tokenizer = data.Tokenizer.build((c for caps in train_set.captions for c in caps), preset.context_length)
         loader = data.TrainLoader(train_set, tokenizer, args.batch_size, seed=args.seed, rank=rank,
                                   world_size=world_size, num_workers=args.workers, grouped=args.batching == "grouped")
@@ -307,11 +423,7 @@ def run(args, device, rank, world_size):
         raise SystemExit(f"error: {e}") from None
 
     # --- model, optimiser, resume ------------------------------------------------
-    overrides = {"head": args.model, "vocab_size": tokenizer.vocab_size}
-    for key in ("fdt_activation", "n_fdt", "fdt_temperature", "logit_scale_init"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    config = replace(preset, **overrides)
+    config = model_config(args, tokenizer.vocab_size)
     torch.manual_seed(args.seed)                    # same initial weights on every rank
     model = CLIP(config).to(device)
     model.visual.patch_embed.requires_grad_(not args.freeze_patch_embed)
@@ -320,15 +432,18 @@ def run(args, device, rank, world_size):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
     steps_per_epoch = len(loader)
     total_steps = args.steps or args.epochs * steps_per_epoch
-    settings = run_settings(args, config, total_steps)
-    step, history = 0, []
+    settings = run_settings(args, config) | {"total_steps": total_steps,
+                                              "train_data": data_fingerprint(train_set, root)}
+    step, saved = 0, None          # saved: the step of the checkpoint this run can go back to
     if ckpt is not None:
         check_resumable(ckpt, settings, args.extend)
-        model.load_state_dict(ckpt["model"])
+        try:
+            load_weights(model, ckpt["model"])
+        except ValueError as e:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: {e}") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        history = read_history(out, step)
+        step = saved = ckpt["step"]
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -337,15 +452,23 @@ def run(args, device, rank, world_size):
 
     def checkpoint():
         """The weights, optimiser and everything needed to resume, then the history up to here."""
+        nonlocal saved
         save_checkpoint(ckpt_path, raw_model, tokenizer, {"source": args.data, "root": str(root)}, step=step,
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), settings=settings)
         write_history(out, history)
+        saved = step
 
     def evaluate():
         """Validation metrics, after the checkpoint: an error here loses no training."""
         raw_model.eval()
         try:
             metrics = evaluation.evaluate(raw_model, tokenizer, args.data, root, device)
+        except KeyboardInterrupt:   # a second Ctrl-C or SIGTERM: only this evaluation is lost
+            bar.write(f"stopped during the evaluation at step {step}; {ckpt_path} is saved: " + (
+                f"training is finished; evaluate it with `python eval.py retrieval --ckpt "
+                f"{ckpt_path}`" if step == total_steps else
+                "run again with the same flags and --resume to continue"))
+            raise SystemExit(128 + interrupted[0]) from None
         except Exception as e:
             raise SystemExit(f"error: the evaluation at step {step} failed ({type(e).__name__}: {e}); "
                              f"the checkpoint {ckpt_path} is saved: fix the cause and run again with "
@@ -361,16 +484,22 @@ def run(args, device, rank, world_size):
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.model} | preset {args.preset} | {n_params / 1e6:.2f}M parameters | {device} x {world_size} "
               f"| amp {amp} | {len(train_set.images)} images | {steps_per_epoch} steps/epoch | {total_steps} steps")
+        if args.warmup > total_steps:
+            last_lr = lr_at(total_steps - 1, total_steps, args.warmup, args.lr, args.warmup_from)
+            print(f"warning: the run ends inside its warm-up (--warmup {args.warmup}, "
+                  f"{total_steps} steps): the learning rate reaches {last_lr:.3g}, not --lr "
+                  f"{args.lr:g}", file=sys.stderr)
 
     # --- the loop ----------------------------------------------------------------
-    # Ctrl-C finishes the current step, then checkpoints and exits: never a half-applied update
+    # Ctrl-C, or a scheduler's SIGTERM, finishes the current step, then checkpoints and exits with
+    # 128 + the signal's number (130, 143), as a shell reports it: never a half-applied update
     interrupted = []
 
-    def on_ctrl_c(*_):
-        if interrupted:            # a second Ctrl-C: stop at once, keeping the last checkpoint
+    def on_stop(signum, _):
+        if interrupted:            # a second one: stop at once, keeping the last checkpoint
             raise KeyboardInterrupt
-        interrupted.append(True)
-    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+        interrupted.append(signum)
+    previous_handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     last_eval = next((h for h in reversed(history) if h["kind"] == "eval" and h["step"] == step), {})
     last_eval = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "epoch")}
@@ -388,8 +517,9 @@ def run(args, device, rank, world_size):
                 image_emb, text_emb, image_w, text_w = model(images, tokens)
             loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank, world_size)
             if not torch.isfinite(loss):            # a sync every step: a NaN must not reach the weights
-                raise SystemExit(f"stopped: non-finite loss ({loss.item()}) at step {step}; "
-                                 f"the last good checkpoint is {ckpt_path}")
+                raise SystemExit(f"stopped: non-finite loss ({loss.item()}) at step {step}; " + (
+                    f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None
+                    else "no checkpoint was saved before it"))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -424,15 +554,17 @@ def run(args, device, rank, world_size):
                     bar.write(f"step {step} | " + " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items()))
                 if world_size > 1:
                     dist.barrier()
-        if interrupted:
+        if interrupted and step < total_steps:   # after the last step the run is complete
             if master:
                 checkpoint()
-                bar.write(f"interrupted at step {step}: saved {ckpt_path}; "
-                          "run again with the same flags and --resume to continue")
-            raise SystemExit(130)
+                bar.write(f"interrupted ({signal.Signals(interrupted[0]).name}) at step {step}: "
+                          f"saved {ckpt_path}; run again with the same flags and --resume to "
+                          "continue")
+            raise SystemExit(128 + interrupted[0])
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         if world_size > 1:
             dist.destroy_process_group()
 

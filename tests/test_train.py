@@ -106,7 +106,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes_root, tmp_p
         loss = real_loss(*args)
         return loss * float("nan") if len(calls) == 8 else loss
     monkeypatch.setattr(train, "contrastive_loss", loss_goes_nan_at_step_7)
-    with pytest.raises(SystemExit, match="non-finite loss .* at step 7"):
+    with pytest.raises(SystemExit, match=r"non-finite loss .* at step 7; the last good checkpoint "
+                                         r"is .*ckpt.pt \(step 6\)"):
         train.main(flags(shapes_root, tmp_path, "--steps", "8"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
 

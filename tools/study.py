@@ -68,7 +68,8 @@ def planned_runs():
 def train_one(name, seed, flags, args):
     """One `python train.py` in its own process; returns the run's record for the results file."""
     out = run_dir(args, name, seed)
-    argv = flags + ["--seed", str(seed), "--out", str(out)]
+    # a run missing from the results file starts afresh, over what an interrupted attempt left
+    argv = flags + ["--seed", str(seed), "--out", str(out), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.time()
     result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *argv], env=env,
