@@ -287,16 +287,18 @@ def run(args, device, rank, world_size):
 
     # --- data: every split the run reads is checked (and cached) before the first step ----------
     if args.data == "shapes" and master and not shapes.ready(root):
-        shapes.prepare(root)
+        try:
+            shapes.prepare(root)
+        except ValueError as e:  # a folder of other data: nothing is written there
+            raise SystemExit(f"error: {e}") from None
     if world_size > 1:
         dist.barrier()                              # other ranks wait for the generated data
     ckpt = None
     try:   # missing or unreadable data and checkpoints: the message, not a traceback
-        train_set = data.load_split(args.data, root, "train", preset.image_size)
-        if master:
-            data.load_split(args.data, root, evaluation.EVAL_SPLIT[args.data], preset.image_size)
-            if args.data == "shapes":
-                shapes.load_zeroshot(root, preset.image_size)
+        splits = ["train"]
+        if master:  # and what the evaluations read: every problem of every split in one report
+            splits += [evaluation.EVAL_SPLIT[args.data]] + (["zeroshot"] if args.data == "shapes" else [])
+        train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]
         if args.resume:
             ckpt = load_checkpoint(ckpt_path, map_location="cpu")
             tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
