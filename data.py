@@ -248,12 +248,14 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         files, captions, entries = _read_coco(ann_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")
-    _check(len(files) > 0, json_file if source == "karpathy" else ann_file, f"the {split} split has no images")
+    _check(len(files) > 0, json_file if source == "karpathy" else ann_file,
+           f"the {split} split has no images")
     images = cached_images(files, root / "cache" / f"{name}_{image_size}", image_size)
     return CaptionSet(images, captions, [str(f) for f in files], entries)
 
 
-def load_splits(source: str, root: str | Path, splits: list[str], image_size: int) -> list[CaptionSet]:
+def load_splits(source: str, root: str | Path, splits: list[str], image_size: int
+                ) -> list[CaptionSet]:
     """load_split of each split, in order. Every split is read even after one failed, and one error
     names every problem of all of them: the data is fixed in one go, not one split per run."""
     sets, problems = [], []
@@ -262,7 +264,7 @@ def load_splits(source: str, root: str | Path, splits: list[str], image_size: in
             sets.append(load_split(source, root, split, image_size))
         except (FileNotFoundError, ValueError) as e:
             problems.append(e)
-    messages = list(dict.fromkeys(map(str, problems)))  # a missing dataset: said once, not per split
+    messages = list(dict.fromkeys(map(str, problems)))  # a missing dataset: said once
     if len(messages) == 1:
         raise problems[0]
     if messages:
@@ -305,7 +307,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
         if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
             # 16-bit grey: convert("RGB") would clip every value above 255 (a nearly white image)
             im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
-        elif im.mode in ("I", "F"):  # 32-bit: no range to scale from (convert would clip floats to black)
+        elif im.mode in ("I", "F"):  # 32 bits: no range to scale from (floats would turn black)
             raise ValueError(f"{'float' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode "
                              f"{im.mode}) have no known range; save the image with 8 or 16 bits")
         im = im.convert("RGB")         # grayscale, CMYK, palette -> RGB
@@ -321,8 +323,8 @@ def _decode_or_error(path: Path, size: int) -> tuple[np.ndarray | None, str | No
     """(_decode's image, None), or (None, what went wrong) for a truncated or non-image file."""
     try:
         return _decode(path, size), None
-    except Exception as e:  # PIL's errors vary by format (DecompressionBombError is not an OSError):
-        return None, f"{type(e).__name__}: {e}"  # each is this file's, and the others still get named
+    except Exception as e:  # PIL's errors vary by format (DecompressionBombError is no OSError):
+        return None, f"{type(e).__name__}: {e}"  # each is this file's; the others still get named
 
 
 def _check_images(files: list[Path], folder: Path) -> tuple[str, list[int], list[str], list[str]]:
@@ -350,7 +352,8 @@ def _check_images(files: list[Path], folder: Path) -> tuple[str, list[int], list
 
 def _image_problems(missing: list[str], unreadable: list[str], n: int) -> list[str]:
     """The lines that name every missing and unreadable image (up to 10 of each); [] if none."""
-    lines = [f"{len(items)} of {n} images {what}:\n  " + "\n  ".join(items[:10]) + ("\n  ..." if len(items) > 10 else "")
+    lines = [f"{len(items)} of {n} images {what}:\n  " + "\n  ".join(items[:10])
+             + ("\n  ..." if len(items) > 10 else "")
              for what, items in (("are missing", missing), ("cannot be read", unreadable)) if items]
     if not lines:
         return []
@@ -375,18 +378,20 @@ def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     fingerprint, found, missing, unreadable = _check_images(files, cache.parent)
     meta = {"fingerprint": fingerprint, "image_size": size, "count": len(files)}
     array, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
-    if len(found) == len(files) and meta_file.exists() and array.exists() and _read_json(meta_file) == meta:
+    if (len(found) == len(files) and meta_file.exists() and array.exists()
+            and _read_json(meta_file) == meta):
         return np.load(array, mmap_mode="r")
     tmp = array.with_name(f"{array.name}.tmp{os.getpid()}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(files), size, size, 3))
     except OSError as e:
         raise ValueError("\n".join(_image_problems(missing, unreadable, len(files)) + [
             f"cannot write the image cache {array} ({e.strerror}): images are decoded once into "
             f"{cache.parent}/, which must be writable (a copy of the data folder that holds its "
             "cache/ needs no writing)"])) from None
-    for stale in cache.parent.glob(f"{cache.name}.*.tmp*"):  # of builds killed before they cleaned up
+    for stale in cache.parent.glob(f"{cache.name}.*.tmp*"):  # of builds killed before cleaning up
         pid = stale.name.rpartition(".tmp")[2]
         if pid.isdigit() and int(pid) > 0 and not _alive(int(pid)):
             stale.unlink(missing_ok=True)
@@ -395,8 +400,9 @@ def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
         # PIL releases the GIL while decoding and resizing, so threads use all cores
         decode = functools.partial(_decode_or_error, size=size)
         with ThreadPoolExecutor(os.cpu_count()) as pool, \
-                tqdm(total=len(found), desc=f"caching {cache.name}", disable=len(found) < 5000) as bar:
-            for a in range(0, len(found), 1024):  # bounded chunks: decoded images never pile up in memory
+                tqdm(total=len(found), desc=f"caching {cache.name}",
+                     disable=len(found) < 5000) as bar:
+            for a in range(0, len(found), 1024):  # bounded chunks: decoded images never pile up
                 chunk = found[a:a + 1024]
                 for i, (image, error) in zip(chunk, pool.map(decode, [files[i] for i in chunk])):
                     if error is None:
@@ -410,7 +416,7 @@ def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
         if problems:  # every bad file of the split at once, before any training
             raise ValueError("\n".join(problems))
         os.replace(tmp, array)
-    finally:  # Ctrl-C, an error: no temporary left behind (kill -9 leaves one: removed above, next time)
+    finally:  # Ctrl-C, an error: no temporary left behind (kill -9's is removed above, next time)
         tmp.unlink(missing_ok=True)
     write_json(meta_file, meta)
     return np.load(array, mmap_mode="r")

@@ -297,7 +297,9 @@ def run(args, device, rank, world_size):
     try:   # missing or unreadable data and checkpoints: the message, not a traceback
         splits = ["train"]
         if master:  # and what the evaluations read: every problem of every split in one report
-            splits += [evaluation.EVAL_SPLIT[args.data]] + (["zeroshot"] if args.data == "shapes" else [])
+            splits.append(evaluation.EVAL_SPLIT[args.data])
+            if args.data == "shapes":
+                splits.append("zeroshot")
         train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]
         if args.resume:
             ckpt = load_checkpoint(ckpt_path, map_location="cpu")

@@ -47,7 +47,8 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
         if not root.is_dir():
             raise SystemExit(f"no image folder at {root}: {how}")
         try:
-            dataset = NamedFailures(torchvision.datasets.ImageFolder(root, transform=transform), image_size)
+            folder = torchvision.datasets.ImageFolder(root, transform=transform)
+            dataset = NamedFailures(folder, image_size)
         except FileNotFoundError as e:  # no class folders, or a class folder without images
             raise SystemExit(f"{e}: {how}") from None
         classnames = dataset.classes
@@ -59,7 +60,6 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
     else:
         raise ValueError(f"unknown zero-shot dataset {name!r}")
     return dataset, [c.replace("_", " ") for c in classnames]  # "aquarium_fish" -> "aquarium fish"
-
 
 
 class NamedFailures(torch.utils.data.Dataset):

@@ -328,11 +328,11 @@ def refuse_foreign(root: Path):
     else:
         what = "the shapes world is generated only into a new or empty folder"
     listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    raise ValueError(f"{root} holds {listed} without shapes.json: {what} (nothing was written there)")
+    raise ValueError(f"{root} holds {listed} without shapes.json: {what} (nothing was written)")
 
 
 def _ours(annotation: Path) -> bool:
-    """Whether an annotation file (or its temporary) was begun by prepare: its first bytes say so."""
+    """Whether an annotation file (or its temporary) was begun by prepare: its start says so."""
     if (not re.fullmatch(r"captions_(train2017|val2017|zeroshot)\.json(\.tmp\d+)?", annotation.name)
             or not annotation.is_file()):
         return False

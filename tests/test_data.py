@@ -299,7 +299,7 @@ def test_stale_temporaries_of_dead_processes_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     (tmp_path / "cache").mkdir()
-    for pid in (dead, os.getppid()):                                    # killed by kill -9; still running
+    for pid in (dead, os.getppid()):                      # killed by kill -9; still running
         (tmp_path / "cache" / f"train2017_16.npy.tmp{pid}").write_bytes(b"\0" * 1000)
     data.load_split("coco", tmp_path, "train", 16)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
@@ -312,9 +312,9 @@ def test_cache_is_keyed_on_its_contents_not_the_path(tmp_path, monkeypatch, read
     cache = tmp_path / "a" / "cache" / "train2017_16.npy"
     stamp = cache.stat().st_mtime_ns
     monkeypatch.chdir(tmp_path)
-    data.load_split("coco", "a/../a/", "train", 16)                     # spelled another way: reused
+    data.load_split("coco", "a/../a/", "train", 16)                   # spelled another way: reused
     assert cache.stat().st_mtime_ns == stamp
-    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy)  # new times, as `cp -r`
+    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy)  # new times: cp -r
     read_only(tmp_path / "b")
     cs = data.load_split("coco", tmp_path / "b", "train", 16)          # nothing to write: it loads
     for image, f in zip(cs.images, files):
@@ -341,7 +341,7 @@ def test_bad_images_each_named_and_none_stops_the_others(tmp_path, monkeypatch):
         coco["images"].append({"id": 90 + k, "file_name": name})
         coco["annotations"].append({"id": 900 + k, "image_id": 90 + k, "caption": "a picture"})
     ann.write_text(json.dumps(coco))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)               # 60 x 60 is past twice the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)             # 60 x 60 is past twice that
     with pytest.raises(ValueError) as e:
         data.load_split("coco", tmp_path, "train", 16)
     message = str(e.value)
@@ -356,7 +356,7 @@ def test_bad_images_each_named_and_none_stops_the_others(tmp_path, monkeypatch):
 def test_annotation_files_that_cannot_be_read_are_named(tmp_path):
     write_coco(tmp_path)
     ann = tmp_path / "annotations" / "captions_train2017.json"
-    ann.write_bytes(b'{"images": [], "annotations": [{"caption": "caf\xe9"}]}')  # Latin-1, not UTF-8
+    ann.write_bytes(b'{"images": [], "annotations": [{"caption": "caf\xe9"}]}')  # Latin-1
     with pytest.raises(ValueError, match=f"{ann}: not UTF-8 text \\(byte 0xe9"):
         data.load_split("coco", tmp_path, "train", 16)
     ann.unlink()
@@ -372,10 +372,11 @@ def test_empty_splits_and_blank_captions_refused(tmp_path):
     coco["annotations"][3]["caption"] = " \n"
     coco["annotations"][7]["caption"] = ""
     ann.write_text(json.dumps(coco))
-    with pytest.raises(ValueError, match=r"2 captions are empty or only whitespace: annotations\[3\] of "
-                                         r"six.png, annotations\[7\] of palette.png"):
+    with pytest.raises(ValueError, match=r"2 captions are empty or only whitespace: annotations"
+                                         r"\[3\] of six.png, annotations\[7\] of palette.png"):
         data.load_split("coco", tmp_path, "train", 16)
-    (tmp_path / "annotations" / "captions_val2017.json").write_text('{"images": [], "annotations": []}')
+    (tmp_path / "annotations" / "captions_val2017.json").write_text(
+        '{"images": [], "annotations": []}')
     with pytest.raises(ValueError, match="captions_val2017.json: the val split has no images"):
         data.load_split("coco", tmp_path, "val", 16)
 
@@ -388,8 +389,9 @@ def test_16_bit_pngs_are_scaled_and_float_images_refused(tmp_path):
     Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "grey8.png")
     cs = data.load_split("coco", tmp_path, "train", 16)
     np.testing.assert_array_equal(cs.images[0], reference(tmp_path / "grey8.png", 16))
-    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "train2017" / "rgb.png", format="TIFF")
-    with pytest.raises(ValueError, match=r"rgb.png: ValueError: float pixels \(PIL mode F\) have no known range"):
+    floats = Image.fromarray(grey.astype(np.float32) / 255)
+    floats.save(tmp_path / "train2017" / "rgb.png", format="TIFF")
+    with pytest.raises(ValueError, match=r"rgb.png: ValueError: float pixels \(PIL mode F\) have"):
         data.load_split("coco", tmp_path, "train", 16)
 
 
@@ -405,5 +407,5 @@ def test_every_problem_of_every_split_in_one_error(tmp_path):
     assert "1 of 6 images are missing:\n  " + str(tmp_path / "train2017" / "gone0.png") in message
     assert "1 of 6 images are missing:\n  " + str(tmp_path / "val2017" / "gone0.png") in message
     assert "1 of 6 images cannot be read:\n  " + str(tmp_path / "val2017" / "gray.png") in message
-    with pytest.raises(FileNotFoundError, match="^no shapes dataset at [^\n]*$"):  # said once, not per split
+    with pytest.raises(FileNotFoundError, match="^no shapes dataset at [^\n]*$"):  # said once
         data.load_splits("shapes", tmp_path / "nowhere", ["train", "val", "zeroshot"], 16)
