@@ -8,6 +8,7 @@ COCO):
     Tokenizer            tiktoken cl100k_base BPE, mapped to a compact vocabulary of the BPE ids
                          seen in the training captions (0 = pad, 1 = unknown, 2 = end of text)
     load_split           "shapes" | "coco" | "karpathy" -> CaptionSet (uint8 images + captions)
+    load_splits          several splits, every problem of every one named in one error
     TrainLoader          random caption per image, batches read from the cache (no decoding)
     preprocess           uint8 batches -> normalised float (augment.py: the same with augmentation)
 
@@ -135,6 +136,11 @@ def _read_json(path: Path):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:  # its position counts from the chunk read, not the file start
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} is not UTF-8); "
+                         "save it as UTF-8") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def write_atomic(path: Path, text: str):
@@ -170,22 +176,20 @@ def _read_coco(ann_file: Path, image_dir: Path) -> tuple[list[Path], list[list[s
                ann_file, f"images[{k}] needs an integer 'id' and a string 'file_name'")
         _check(im["id"] not in index, ann_file, f"images[{k}]: duplicate image id {im['id']}")
         index[im["id"]] = k
-    captions = [[] for _ in entries]
+    captions, empty = [[] for _ in entries], []
     for k, ann in enumerate(data["annotations"]):
         _check(isinstance(ann, dict) and isinstance(ann.get("caption"), str), ann_file,
                f"annotations[{k}] needs a string 'caption'")
         _check(ann.get("image_id") in index, ann_file,
                f"annotations[{k}] refers to image_id {ann.get('image_id')!r}, which is not in 'images'")
         captions[index[ann["image_id"]]].append(ann["caption"].strip())  # some COCO captions end in " \n"
+        if not captions[index[ann["image_id"]]][-1]:  # it would train the image to match nothing
+            empty.append(f"annotations[{k}] of {entries[index[ann['image_id']]]['file_name']}")
+    _check(not empty, ann_file, f"{len(empty)} captions are empty or only whitespace: "
+                                + ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
     bare = [im["file_name"] for im, caps in zip(entries, captions) if not caps]
     _check(not bare, ann_file, f"{len(bare)} images have no caption, e.g. {bare[:5]}")
     return [image_dir / im["file_name"] for im in entries], captions, entries
-
-
-def read_caption_set(ann_file: Path, image_dir: Path, cache: Path, image_size: int) -> CaptionSet:
-    """A COCO-format caption file and its images, decoded into the cache at `cache`."""
-    files, captions, entries = _read_coco(ann_file, image_dir)
-    return CaptionSet(cached_images(files, cache, image_size), captions, [str(f) for f in files], entries)
 
 
 def _read_karpathy(json_file: Path, root: Path, split: str) -> tuple[list[Path], list[list[str]], list[dict]]:
@@ -201,6 +205,8 @@ def _read_karpathy(json_file: Path, root: Path, split: str) -> tuple[list[Path],
                and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in im["sentences"]),
                json_file, f"images[{k}] needs 'split' (train/restval/val/test), 'filename' and "
                           "non-empty 'sentences' with a string 'raw' each")
+        _check(all(s["raw"].strip() for s in im["sentences"]), json_file,
+               f"images[{k}] ({im['filename']}) has a caption that is empty or only whitespace")
         if im["split"] not in wanted:
             continue
         path = root / im.get("filepath", "") / im["filename"]
@@ -216,11 +222,14 @@ def _read_karpathy(json_file: Path, root: Path, split: str) -> tuple[list[Path],
 
 def load_split(source: str, root: str | Path, split: str, image_size: int) -> CaptionSet:
     """source: "shapes" | "coco" (COCO 2017 layout) | "karpathy" (dataset_coco.json in root, next to
-    the COCO images). split: train | val | test. COCO 2017 has no public test captions, so for
-    shapes and coco val and test both mean val2017, the 5k retrieval test set."""
+    the COCO images). split: train | val | test, or zeroshot (the shapes world's single objects).
+    COCO 2017 has no public test captions, so for shapes and coco val and test both mean val2017,
+    the 5k retrieval test set."""
     root = Path(root)
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"unknown split {split!r}; expected train, val or test")
+    if split not in ("train", "val", "test", "zeroshot"):
+        raise ValueError(f"unknown split {split!r}; expected train, val, test or zeroshot")
+    if split == "zeroshot" and source != "shapes":
+        raise ValueError(f"the zeroshot split is the shapes world's; {source} has none")
     if source == "karpathy":
         json_file = root / "dataset_coco.json"
         if not json_file.exists():
@@ -231,7 +240,7 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         files, captions, entries = _read_karpathy(json_file, root, split)
         name = f"karpathy_{split}"
     elif source in ("shapes", "coco"):
-        name = "train2017" if split == "train" else "val2017"
+        name = {"train": "train2017", "zeroshot": "zeroshot"}.get(split, "val2017")
         ann_file = root / "annotations" / f"captions_{name}.json"
         if not ann_file.exists():
             raise FileNotFoundError(
@@ -241,8 +250,28 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         files, captions, entries = _read_coco(ann_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")
+    _check(len(files) > 0, json_file if source == "karpathy" else ann_file,
+           f"the {split} split has no images")
     images = cached_images(files, root / "cache" / f"{name}_{image_size}", image_size)
     return CaptionSet(images, captions, [str(f) for f in files], entries)
+
+
+def load_splits(source: str, root: str | Path, splits: list[str], image_size: int
+                ) -> list[CaptionSet]:
+    """load_split of each split, in order. Every split is read even after one failed, and one error
+    names every problem of all of them: the data is fixed in one go, not one split per run."""
+    sets, problems = [], []
+    for split in splits:
+        try:
+            sets.append(load_split(source, root, split, image_size))
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(e)
+    messages = list(dict.fromkeys(map(str, problems)))  # a missing dataset: said once
+    if len(messages) == 1:
+        raise problems[0]
+    if messages:
+        raise ValueError("\n".join(messages))
+    return sets
 
 
 def image_ids(source: str, root: str | Path, split: str) -> set[int]:
@@ -277,6 +306,12 @@ def _decode(path: Path, size: int) -> np.ndarray:
     Resize(size, BICUBIC) + CenterCrop(size), the usual CLIP evaluation transform."""
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale while still >= size
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+            # 16-bit grey: convert("RGB") would clip every value above 255 (a nearly white image)
+            im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+        elif im.mode in ("I", "F"):  # 32 bits: no range to scale from (floats would turn black)
+            raise ValueError(f"{'float' if im.mode == 'F' else '32-bit integer'} pixels (PIL mode "
+                             f"{im.mode}) have no known range; save the image with 8 or 16 bits")
         im = im.convert("RGB")         # grayscale, CMYK, palette -> RGB
     w, h = im.size
     short, long = min(w, h), max(w, h)
@@ -290,60 +325,101 @@ def _decode_or_error(path: Path, size: int) -> tuple[np.ndarray | None, str | No
     """(_decode's image, None), or (None, what went wrong) for a truncated or non-image file."""
     try:
         return _decode(path, size), None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, bad headers
-        return None, f"{type(e).__name__}: {e}"
+    except Exception as e:  # PIL's errors vary by format (DecompressionBombError is no OSError):
+        return None, f"{type(e).__name__}: {e}"  # each is this file's; the others still get named
 
 
-def _fingerprint(files: list[Path]) -> str:
-    """A hash of every image's path, size and modification time; also the place where missing
-    images are reported, all at once."""
-    h, missing = hashlib.sha1(), []
-    for f in files:
+def _check_images(files: list[Path], folder: Path) -> tuple[str, list[int], list[str], list[str]]:
+    """(fingerprint, indices of the files found, missing, unreadable). The fingerprint hashes every
+    image's path relative to `folder` and its size: what the cache holds, whichever way the data
+    folder is spelled and wherever it is moved or copied (an image edited in place to the same size
+    goes unnoticed)."""
+    h, found, missing, unreadable = hashlib.sha1(), [], [], []
+    for i, f in enumerate(files):
         try:
             st = os.stat(f)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             missing.append(str(f))
             continue
-        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(files)} images are missing:\n  " + "\n  ".join(missing[:10])
-                                + ("\n  ..." if len(missing) > 10 else "") + "\nre-download them, or remove their entries from the caption file")
-    return h.hexdigest()
+        except OSError as e:  # a symlink loop, no permission
+            unreadable.append(f"{f}: {e.strerror}")
+            continue
+        except ValueError:  # os.stat refuses the name
+            unreadable.append(f"{str(f)!r}: a NUL character in the file name")
+            continue
+        found.append(i)
+        h.update(f"{os.path.relpath(f, folder)}\t{st.st_size}\n".encode())
+    return h.hexdigest(), found, missing, unreadable
+
+
+def _image_problems(missing: list[str], unreadable: list[str], n: int) -> list[str]:
+    """The lines that name every missing and unreadable image (up to 10 of each); [] if none."""
+    lines = [f"{len(items)} of {n} images {what}:\n  " + "\n  ".join(items[:10])
+             + ("\n  ..." if len(items) > 10 else "")
+             for what, items in (("are missing", missing), ("cannot be read", unreadable)) if items]
+    if not lines:
+        return []
+    return lines + ["re-download or replace them (or remove their entries from the caption file)"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     """(N, size, size, 3) uint8 memmap of the decoded images at `cache`.npy, (re)built when the
     images or the resolution changed. The array is written under a temporary name and renamed, and
-    `cache`.json, which says what it holds, is written after it: a half-written cache is never used."""
-    meta = {"fingerprint": _fingerprint(files), "image_size": size, "count": len(files)}
+    `cache`.json, which says what it holds, is written after it: a half-written cache is never used.
+    Missing and unreadable images are named all at once, after every image was tried."""
+    fingerprint, found, missing, unreadable = _check_images(files, cache.parent)
+    meta = {"fingerprint": fingerprint, "image_size": size, "count": len(files)}
     array, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
-    if meta_file.exists() and array.exists() and _read_json(meta_file) == meta:
+    if (len(found) == len(files) and meta_file.exists() and array.exists()
+            and _read_json(meta_file) == meta):
         return np.load(array, mmap_mode="r")
-    meta_file.unlink(missing_ok=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = array.with_name(f"{array.name}.tmp{os.getpid()}")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
-    # PIL releases the GIL while decoding and resizing, so threads use all cores
-    decode = functools.partial(_decode_or_error, size=size)
-    unreadable = []
-    with ThreadPoolExecutor(os.cpu_count()) as pool, \
-            tqdm(total=len(files), desc=f"caching {cache.name}", disable=len(files) < 5000) as bar:
-        for a in range(0, len(files), 1024):  # bounded chunks: decoded images never pile up in memory
-            chunk = files[a:a + 1024]
-            for k, (image, error) in enumerate(pool.map(decode, chunk)):
-                if error is None:
-                    out[a + k] = image
-                else:
-                    unreadable.append(f"{chunk[k]}: {error}")
-            bar.update(len(chunk))
-    out.flush()
-    del out
-    if unreadable:  # every bad file at once, before any training; the half-built cache is dropped
-        tmp.unlink()
-        raise ValueError(f"{len(unreadable)} of {len(files)} images cannot be read:\n  " + "\n  ".join(unreadable[:10])
-                         + ("\n  ..." if len(unreadable) > 10 else "")
-                         + "\nre-download or replace them (or remove their entries from the caption file)")
-    os.replace(tmp, array)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(files), size, size, 3))
+    except OSError as e:
+        raise ValueError("\n".join(_image_problems(missing, unreadable, len(files)) + [
+            f"cannot write the image cache {array} ({e.strerror}): images are decoded once into "
+            f"{cache.parent}/, which must be writable (a copy of the data folder that holds its "
+            "cache/ needs no writing)"])) from None
+    for stale in cache.parent.glob(f"{cache.name}.*.tmp*"):  # of builds killed before cleaning up
+        pid = stale.name.rpartition(".tmp")[2]
+        if pid.isdigit() and int(pid) > 0 and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    try:
+        meta_file.unlink(missing_ok=True)
+        # PIL releases the GIL while decoding and resizing, so threads use all cores
+        decode = functools.partial(_decode_or_error, size=size)
+        with ThreadPoolExecutor(os.cpu_count()) as pool, \
+                tqdm(total=len(found), desc=f"caching {cache.name}",
+                     disable=len(found) < 5000) as bar:
+            for a in range(0, len(found), 1024):  # bounded chunks: decoded images never pile up
+                chunk = found[a:a + 1024]
+                for i, (image, error) in zip(chunk, pool.map(decode, [files[i] for i in chunk])):
+                    if error is None:
+                        out[i] = image
+                    else:
+                        unreadable.append(f"{files[i]}: {error}")
+                bar.update(len(chunk))
+        out.flush()
+        del out
+        problems = _image_problems(missing, unreadable, len(files))
+        if problems:  # every bad file of the split at once, before any training
+            raise ValueError("\n".join(problems))
+        os.replace(tmp, array)
+    finally:  # Ctrl-C, an error: no temporary left behind (kill -9's is removed above, next time)
+        tmp.unlink(missing_ok=True)
     write_json(meta_file, meta)
     return np.load(array, mmap_mode="r")
 

@@ -190,8 +190,15 @@ def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, bat
     for images, y in loader:
         embs.append(embed_images(model, images, device, batch_size))
         labels.append(y)
+    labels = torch.cat(labels)
+    bad = (labels < 0).nonzero().flatten().tolist()  # benchmarks.NamedFailures' unreadable images
+    if bad:
+        named = [dataset.samples[i][0] for i in bad[:10]] + ["..."] * (len(bad) > 10)
+        raise ValueError(f"{len(bad)} of {len(labels)} images cannot be read (not an image, "
+                         "truncated, or over PIL's pixel limit):\n  " + "\n  ".join(named)
+                         + "\nreplace or remove them")
     classifier = zeroshot_classifier(model, tokenizer, classnames, TEMPLATES, device)
-    return zeroshot_accuracy(torch.cat(embs), classifier, torch.cat(labels))
+    return zeroshot_accuracy(torch.cat(embs), classifier, labels)
 
 
 # -----------------------------------------------------------------------------
@@ -296,7 +303,14 @@ def refuse_overlap(ckpt, source, root, split, allow):
 
 
 def write_json(path, record):
-    path.write_text(json.dumps(record, indent=1))
+    """The results, already printed, saved next to the checkpoint; a folder that cannot be written
+    ends the run with one line and exit code 1, the printed results being all there is."""
+    try:
+        data.write_atomic(path, json.dumps(record, indent=1))
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path} ({e.strerror}): the results above are not "
+                         "saved; to save them, evaluate a copy of the checkpoint in a writable "
+                         "folder") from None
     print(f"wrote {path}")
 
 
@@ -331,9 +345,10 @@ def run_zeroshot(args):
         if args.dataset == "imagefolder" and not args.data_dir:
             raise SystemExit("--dataset imagefolder needs --data-dir: the folder with one sub-folder per class")
         root = Path(args.data_dir or f"data/{args.dataset}")
-        with clear_errors():  # e.g. no --classnames file
+        with clear_errors():  # e.g. no --classnames file, an unreadable image
             dataset, classnames = benchmarks.zeroshot_dataset(args.dataset, root, size, args.classnames)
-        acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device, workers=args.workers)
+            acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device,
+                                            workers=args.workers)
         rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)": (acc["top1"], acc["top5"])}
         m = {"zs_top1": acc["top1"], "zs_top5": acc["top5"], "classes": classnames}
     print(f"{'':>26} {'top-1':>6} {'top-5':>6}")
@@ -346,6 +361,10 @@ def run_zeroshot(args):
 def run_binding(args):
     ckpt, model, tokenizer = load(args)
     source, root = data_source(ckpt, "shapes", args.data_dir)
+    if not shapes.ready(root):  # e.g. a COCO folder: its images have no "objects" to edit
+        raise SystemExit(f"error: binding tests the shapes world's scenes, and {root} holds no "
+                         "shapes world (no shapes.json): pass the --data-dir of one (`python -m "
+                         "lib.shapes --root DIR` makes one)")
     with clear_errors():
         caption_set = data.load_split(source, root, "val", model.config.image_size)
     m = evaluate_binding(model, tokenizer, caption_set, args.device)

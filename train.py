@@ -406,15 +406,19 @@ def run(args, device, rank, world_size):
 
     # --- data: every split the run reads is checked (and cached) before the first step ----------
     if args.data == "shapes" and master and not shapes.ready(root):
-        shapes.prepare(root)
+        try:
+            shapes.prepare(root)
+        except ValueError as e:  # a folder of other data: nothing is written there
+            raise SystemExit(f"error: {e}") from None
     if world_size > 1:
         dist.barrier()                              # other ranks wait for the generated data
     try:   # missing or unreadable data: the message, not a traceback
-        train_set = data.load_split(args.data, root, "train", preset.image_size)
-        if master:
-            data.load_split(args.data, root, evaluation.EVAL_SPLIT[args.data], preset.image_size)
+        splits = ["train"]
+        if master:  # and what the evaluations read: every problem of every split in one report
+            splits.append(evaluation.EVAL_SPLIT[args.data])
             if args.data == "shapes":
-                shapes.load_zeroshot(root, preset.image_size)
+                splits.append("zeroshot")
+        train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]
         if ckpt is None:
             tokenizer = data.Tokenizer.build((c for caps in train_set.captions for c in caps), preset.context_length)
         loader = data.TrainLoader(train_set, tokenizer, args.batch_size, seed=args.seed, rank=rank,

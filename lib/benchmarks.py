@@ -1,10 +1,12 @@
 """Readers for evaluation sets from outside this project: CIFAR-10/100 and ImageFolder trees for
 zero-shot classification, and SugarCrepe's compositional caption pairs on COCO val2017 images.
-Each gives a clear message saying what to put where when its files are missing. eval.py runs the
-models on them.
+Each gives a clear message saying what to put where when its files are missing, and names the ones
+that cannot be read. eval.py runs the models on them.
 """
 
 from pathlib import Path
+
+import torch
 
 import data
 
@@ -45,7 +47,8 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
         if not root.is_dir():
             raise SystemExit(f"no image folder at {root}: {how}")
         try:
-            dataset = torchvision.datasets.ImageFolder(root, transform=transform)
+            folder = torchvision.datasets.ImageFolder(root, transform=transform)
+            dataset = NamedFailures(folder, image_size)
         except FileNotFoundError as e:  # no class folders, or a class folder without images
             raise SystemExit(f"{e}: {how}") from None
         classnames = dataset.classes
@@ -58,6 +61,23 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
         raise ValueError(f"unknown zero-shot dataset {name!r}")
     return dataset, [c.replace("_", " ") for c in classnames]  # "aquarium_fish" -> "aquarium fish"
 
+
+class NamedFailures(torch.utils.data.Dataset):
+    """An ImageFolder whose unreadable images come out as (a blank image, label -1) instead of
+    an error inside a loader worker: eval.py then names every such file (`.samples`) at once."""
+
+    def __init__(self, folder, image_size):
+        self.folder, self.classes, self.samples = folder, folder.classes, folder.samples
+        self.blank = torch.zeros(3, image_size, image_size, dtype=torch.uint8)
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, i):
+        try:
+            return self.folder[i]
+        except Exception:  # PIL's errors vary by format (DecompressionBombError is not an OSError)
+            return self.blank, -1
 
 
 # SugarCrepe (Hsieh et al., NeurIPS 2023; github RAIVNLab/sugar-crepe, MIT licence)

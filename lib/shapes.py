@@ -12,6 +12,7 @@ and the hard negatives of the binding test are all written here.
     prompts         zero-shot prompts for one object of a (colour, shape) pair
     negatives       the binding test: per scene, a true caption and a minimally edited false one
     prepare         writes the dataset (train2017 / val2017 / zeroshot splits) under a folder
+                    that is new, empty or a shapes world, never over other data
     load_zeroshot   the zero-shot split as tensors, labelled by shape, colour and pair
 
 Training scenes come in groups of 4: a scene and 3 edits of it (colours swapped, a shape
@@ -23,6 +24,7 @@ caption, and shape is learned late or not at all.
 
 import json
 import multiprocessing
+import re
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +303,43 @@ def ready(root: str | Path) -> bool:
     return (Path(root) / "shapes.json").exists()
 
 
+def refuse_foreign(root: Path):
+    """ValueError unless root is missing, empty or holds only what prepare writes (an interrupted
+    generation included): a folder of other data, say COCO's, is never written over."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a folder")
+    if not root.exists() or (root / "shapes.json").exists():
+        return
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.name in SPLIT_SEEDS and entry.is_dir():
+            found += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir())
+                      if not re.fullmatch(r"\d{12}\.png", f.name)]
+        elif entry.name == "annotations" and entry.is_dir():
+            found += [f"annotations/{f.name}" for f in sorted(entry.iterdir()) if not _ours(f)]
+        elif entry.name != "cache":
+            found.append(entry.name + ("/" if entry.is_dir() else ""))
+    if not found:
+        return
+    if {"annotations/captions_train2017.json", "annotations/captions_val2017.json"} & set(found):
+        what = "a COCO folder? train on it with --data coco"
+    elif "dataset_coco.json" in found:
+        what = "COCO with Karpathy's splits? train on it with --data karpathy"
+    else:
+        what = "the shapes world is generated only into a new or empty folder"
+    listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise ValueError(f"{root} holds {listed} without shapes.json: {what} (nothing was written)")
+
+
+def _ours(annotation: Path) -> bool:
+    """Whether an annotation file (or its temporary) was begun by prepare: its start says so."""
+    if (not re.fullmatch(r"captions_(train2017|val2017|zeroshot)\.json(\.tmp\d+)?", annotation.name)
+            or not annotation.is_file()):
+        return False
+    with open(annotation, "rb") as f:
+        return f.read(40).startswith(b'{"info": {"description": "shapes ')
+
+
 def prepare(root: str | Path, n_train: int = 20000, n_val: int = 1000, n_test_per_pair: int = 20,
             seed: int = 0) -> Path:
     """Writes the shapes dataset in COCO format under root (annotations/captions_{train2017,
@@ -314,6 +353,7 @@ def prepare(root: str | Path, n_train: int = 20000, n_val: int = 1000, n_test_pe
     done = root / "shapes.json"  # written last: its presence means the whole dataset is there (ready)
     if done.exists() and json.loads(done.read_text()) == params:
         return root
+    refuse_foreign(root)
     done.unlink(missing_ok=True)
     sizes = {"train2017": n_train, "val2017": n_val, "zeroshot": 64 * n_test_per_pair}
     with multiprocessing.Pool() as pool:
@@ -342,7 +382,7 @@ def load_zeroshot(root: str | Path, image_size: int) -> dict:
     if not ann_file.exists():
         raise FileNotFoundError(f"no shapes zero-shot split at {ann_file}: generate it with "
                                 f"`python -m lib.shapes --root {root}`")
-    cs = data.read_caption_set(ann_file, root / "zeroshot", root / "cache" / f"zeroshot_{image_size}", image_size)
+    cs = data.load_split("shapes", root, "zeroshot", image_size)
     colour = torch.tensor([COLOURS.index(e["objects"][0]["colour"]) for e in cs.entries])
     shape = torch.tensor([SHAPES.index(e["objects"][0]["shape"]) for e in cs.entries])
     heldout = torch.tensor([(COLOURS[c], SHAPES[s]) in HELDOUT_PAIRS for c, s in zip(colour.tolist(), shape.tolist())])
@@ -359,5 +399,8 @@ if __name__ == "__main__":
     parser.add_argument("--root", default="data/shapes")
     args = parser.parse_args()
     t0 = time.perf_counter()
-    prepare(args.root)
+    try:
+        prepare(args.root)
+    except ValueError as e:  # a folder of other data
+        raise SystemExit(f"error: {e}") from None
     print(f"shapes dataset ready in {args.root} ({time.perf_counter() - t0:.1f} s)")

@@ -1,6 +1,7 @@
 """Bad input and faults: each is refused before the first step with a message that names it, or
 loses no more than the work since the last checkpoint."""
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -435,3 +436,109 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path):
     assert str(e.value) == ("the checkpoint's weights do not match its model config: 1 missing "
                             "(logit_scale); 1 unexpected (extra.weight); 1 of another shape "
                             "(fdt.tokens: (1024, 128), config (512, 128))")
+
+
+# -----------------------------------------------------------------------------
+# data folders and evaluation: nothing written over other data, every bad file named at once
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_shapes_world_never_written_into_another_folder(shapes_root, tmp_path):
+    coco = tmp_path / "coco"
+    write_coco_ids(coco, "train2017", [1, 2])
+    (coco / "train2017").mkdir()
+    (coco / "train2017" / "000000000001.jpg").write_bytes(b"a jpeg")
+    before = tree(coco)
+    with pytest.raises(SystemExit, match=r"holds annotations/captions_train2017.json, train2017/"
+                                         r"000000000001.jpg without shapes.json: a COCO folder\? "
+                                         r"train on it with --data coco"):
+        train.main(flags(coco, tmp_path / "run", "--steps", "1"))
+    assert tree(coco) == before and not (tmp_path / "run" / "ckpt.pt").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is a file; pass the dataset.s folder"):
+        train.main(flags(tmp_path / "notes.txt", tmp_path / "run", "--steps", "1"))
+    with pytest.raises(SystemExit, match=r"holds coco/, notes.txt, run/ without shapes.json: "
+                                         r".*new or empty folder"):
+        train.main(flags(tmp_path, tmp_path / "run", "--steps", "1"))
+    # an interrupted generation is a shapes world: it is finished, not refused
+    def interrupted(root):
+        (root / "shapes.json").unlink()
+        (root / "annotations" / "captions_zeroshot.json").unlink()
+    root = broken_copy(shapes_root, tmp_path, interrupted)
+    shapes.prepare(root, n_train=64, n_val=12, n_test_per_pair=1)
+    assert tree(root) == {k: v for k, v in tree(shapes_root).items() if not k.startswith("cache/")}
+    assert shapes.ready(root)
+
+
+def test_every_problem_of_every_split_in_one_report(shapes_root, tmp_path):
+    def damage(root):
+        (root / "train2017" / "000000000010.png").unlink()
+        (root / "val2017" / "000000000004.png").write_text("not an image")
+        (root / "zeroshot" / "000000000033.png").unlink()
+    root = broken_copy(shapes_root, tmp_path, damage)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(root, tmp_path / "run", "--steps", "2"))
+    message = str(e.value)
+    assert f"1 of 64 images are missing:\n  {root / 'train2017' / '000000000010.png'}" in message
+    assert f"1 of 12 images cannot be read:\n  {root / 'val2017' / '000000000004.png'}" in message
+    assert f"1 of 64 images are missing:\n  {root / 'zeroshot' / '000000000033.png'}" in message
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_empty_val_split_refused_before_training(shapes_root, tmp_path):
+    def empty_val(root):
+        (root / "annotations" / "captions_val2017.json").write_text(
+            '{"images": [], "annotations": []}')
+    root = broken_copy(shapes_root, tmp_path, empty_val)
+    with pytest.raises(SystemExit, match="captions_val2017.json: the val split has no images"):
+        train.main(flags(root, tmp_path / "run", "--steps", "2"))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.fixture
+def checkpoint(shapes_root, tmp_path):
+    """An untrained tiny model, saved as train.py saves it, trained on shapes_root."""
+    train_set = data.load_split("shapes", shapes_root, "train", PRESETS["tiny"].image_size)
+    tokenizer = data.Tokenizer.build([c for caps in train_set.captions for c in caps], 32)
+    model = CLIP(dataclasses.replace(PRESETS["tiny"], vocab_size=tokenizer.vocab_size,
+                                     context_length=32))
+    path = tmp_path / "run" / "ckpt.pt"
+    path.parent.mkdir()
+    save_checkpoint(path, model, tokenizer, {"source": "shapes", "root": str(shapes_root)}, step=1)
+    return path
+
+
+def test_binding_on_a_folder_without_shapes_is_a_clear_error(checkpoint, tmp_path):
+    coco = tmp_path / "coco"
+    write_coco_ids(coco, "val2017", [1])
+    with pytest.raises(SystemExit, match=f"binding tests the shapes world's scenes, and {coco} "
+                                         "holds no shapes world"):
+        evaluation.main(["binding", "--ckpt", str(checkpoint), "--data-dir", str(coco),
+                         "--device", "cpu"])
+
+
+def test_unreadable_imagefolder_images_named(checkpoint, shapes_root, tmp_path):
+    folder = tmp_path / "folder"
+    for name in ("red", "blue"):
+        (folder / name).mkdir(parents=True)
+        for k in range(2):
+            shutil.copy(shapes_root / "val2017" / f"00000000000{k}.png", folder / name / f"{k}.png")
+    (folder / "blue" / "1.png").write_text("not an image")
+    (folder / "red" / "0.png").write_bytes((folder / "red" / "0.png").read_bytes()[:80])  # cut
+    blue, red = folder / "blue" / "1.png", folder / "red" / "0.png"
+    with pytest.raises(SystemExit, match=f"2 of 4 images cannot be read .*:\n  {blue}\n  {red}\n"
+                                         "replace or remove them"):
+        evaluation.main(["zeroshot", "--ckpt", str(checkpoint), "--dataset", "imagefolder",
+                         "--data-dir", str(folder), "--workers", "1", "--device", "cpu"])
+
+
+def test_read_only_checkpoint_folder_shows_results_then_one_line(checkpoint, capsys, read_only):
+    read_only(checkpoint.parent)
+    json_file = checkpoint.parent / "retrieval_val.json"
+    with pytest.raises(SystemExit, match=f"cannot write {json_file} \\(Read-only file system\\): "
+                                         "the results above are not saved") as e:
+        evaluation.main(["retrieval", "--ckpt", str(checkpoint), "--device", "cpu"])
+    assert e.value.code != 0 and "rsum" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["ckpt.pt"]
