@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
+import data
 import fdt
 from lib import fdt_fast
 
@@ -36,6 +39,7 @@ class ModelConfig:
     vision_layers: int = 4
     vision_heads: int = 4
     stem: str = "patch"           # "patch": one patch_size-stride conv (ViT); "conv": a stack of 3x3 stride-2 convs
+    stem_norm: bool = False       # BatchNorm after each 3x3 conv of the conv stem (see conv_stem)
     # text tower
     vocab_size: int = 512         # set from the tokenizer's compact vocabulary before training
     context_length: int = 32
@@ -49,6 +53,7 @@ class ModelConfig:
     fdt_temperature: float = 30.0  # at T = 1 sparsemax keeps ~1 token and nothing trains; see README
     fdt_activation: str = "sparsemax"  # "softmax" is the paper's ablation
     fast_fdt: bool = True         # lib/fdt_fast.py's exact, faster kernels; False trains fdt.py as written
+    word_head: bool = False       # a linear map from the image embedding to the caption's words
     logit_scale_init: float = 1 / 0.07  # CLIP's initial inverse temperature (learned from there)
 
 
@@ -111,25 +116,48 @@ class Transformer(nn.Module):
         return x
 
 
-def conv_stem(patch_size, width):
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose statistics are those of the global batch when the batch is split over
+    processes (torch.distributed): N processes then compute exactly what one process does (as
+    SyncBatchNorm, which runs on GPUs only). Evaluation uses the running averages, as usual."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        B, C, H, W = x.shape
+        sums = torch.stack([x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))])  # (2, C)
+        sums = dist_nn.all_reduce(sums)                       # over processes, with gradients
+        n = B * H * W * dist.get_world_size()
+        mean, var = sums[0] / n, sums[1] / n - (sums[0] / n).square()             # (C,) each
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)            # unbiased, as torch
+        x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def conv_stem(patch_size, width, norm=False):
     """Xiao et al. 2021, "Early Convolutions Help Transformers See Better": log2(patch_size) 3x3
     stride-2 convolutions (channels doubling up to width) and a 1x1 convolution, in place of the
-    patchify convolution; the same (B, width, H/p, W/p) output. No batch norm, so that N processes
-    compute exactly what one does."""
+    patchify convolution; the same (B, width, H/p, W/p) output. With norm, a BatchNorm after each
+    3x3 conv (as Xiao et al.): without it each conv shrinks the signal ~0.6x at initialisation, the
+    transformer first sees little but the position embedding, and shape is learned late."""
     n = patch_size.bit_length() - 1
     if patch_size != 2 ** n or n < 1:
         raise ValueError(f"the conv stem needs a power-of-two patch_size, got {patch_size}")
     channels = [3] + [max(width >> (n - 1 - i), 16) for i in range(n)]  # e.g. 3, 32, 64, 128 for width 128, p = 8
     layers = []
     for c_in, c_out in zip(channels, channels[1:]):
-        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+        layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=not norm)]
+        layers += [BatchNorm2d(c_out), nn.ReLU()] if norm else [nn.ReLU()]
     return nn.Sequential(*layers, nn.Conv2d(channels[-1], width, kernel_size=1))
 
 
 class VisionTransformer(nn.Module):
     """Patch embedding (a patchify conv or a conv stem), a CLS token, learned positions, pre-LN transformer."""
 
-    def __init__(self, image_size, patch_size, width, layers, heads, stem="patch"):
+    def __init__(self, image_size, patch_size, width, layers, heads, stem="patch", stem_norm=False):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -137,7 +165,7 @@ class VisionTransformer(nn.Module):
         if stem == "patch":
             self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         elif stem == "conv":
-            self.patch_embed = conv_stem(patch_size, width)
+            self.patch_embed = conv_stem(patch_size, width, stem_norm)
         else:
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
         self.cls = nn.Parameter(torch.zeros(width))
@@ -187,7 +215,8 @@ class CLIP(nn.Module):
             raise ValueError(f"head must be 'fdt' or 'clip', got {config.head!r}")
         self.config = config
         c = config
-        self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers, c.vision_heads, c.stem)
+        self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
+                                        c.vision_heads, c.stem, c.stem_norm)
         self.text = TextTransformer(c.vocab_size, c.context_length, c.text_width, c.text_layers, c.text_heads)
         if c.head == "fdt":
             self.image_query = fdt.QueryMap(c.vision_width, c.embed_dim)
@@ -200,6 +229,8 @@ class CLIP(nn.Module):
             self.image_proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
             self.text_proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(c.logit_scale_init)))
+        if c.word_head:  # SuperClass (Huang et al., NeurIPS 2024): the image names its caption's words
+            self.word_head = nn.Linear(c.embed_dim, c.vocab_size)
         self._init_weights()
 
     def _init_weights(self):
@@ -254,11 +285,13 @@ class CLIP(nn.Module):
         return self.fdt.relevance(self.text_query(features)), mask
 
     def forward(self, images, tokens):
-        """Both embeddings and both FDT weights (None for the projection head), in one call so that
+        """Both embeddings, both FDT weights (None for the projection head) and the caption-word
+        logits of each image (B, vocab_size; None without the word head), in one call so that
         DistributedDataParallel sees every parameter used."""
         image_emb, image_weights = self.encode_image(images, return_weights=True)
         text_emb, text_weights = self.encode_text(tokens, return_weights=True)
-        return image_emb, text_emb, image_weights, text_weights
+        word_logits = self.word_head(image_emb) if self.config.word_head else None
+        return image_emb, text_emb, image_weights, text_weights, word_logits
 
 
 def contrastive_loss(image_emb, text_emb, logit_scale, all_image_emb=None, all_text_emb=None, offset=0):
@@ -277,6 +310,17 @@ def contrastive_loss(image_emb, text_emb, logit_scale, all_image_emb=None, all_t
     logits_t2i = scale * text_emb.float() @ all_image_emb.float().t()   # (b, N)
     labels = offset + torch.arange(image_emb.shape[0], device=image_emb.device)
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+
+
+def word_loss(word_logits, tokens):
+    """Which words of its caption an image shows, as multi-label classification over the vocabulary
+    (SuperClass, Huang et al., NeurIPS 2024; CatLIP): BCE of word_logits (B, vocab_size) against
+    the multi-hot set of the caption's text ids (B, L), pads and other special ids left out. It
+    asks the image tower for every word, shape included, where the contrastive loss is satisfied
+    by whatever separates the batch first (often colour)."""
+    target = torch.zeros_like(word_logits, dtype=torch.float32).scatter_(1, tokens, 1.0)
+    target[:, :data.N_SPECIAL] = 0                                   # pad, unknown, end of text
+    return F.binary_cross_entropy_with_logits(word_logits.float(), target)
 
 
 # -----------------------------------------------------------------------------

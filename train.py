@@ -36,7 +36,8 @@ import data
 import eval as evaluation  # evaluate() after each epoch: read it as a black box here, in eval.py / metrics.py next
 from lib import augment, figures, shapes
 from lib.metrics import active_tokens
-from model import CLIP, PRESETS, contrastive_loss, load_checkpoint, load_weights, save_checkpoint
+from model import (CLIP, PRESETS, contrastive_loss, load_checkpoint, load_weights, save_checkpoint,
+                   word_loss)
 
 # -----------------------------------------------------------------------------
 # every default, in one place. DEFAULTS trains the tiny model on the shapes world on a 2-core CPU;
@@ -64,9 +65,11 @@ DEFAULTS = dict(
     amp=None,               # None: bf16 on CUDA, off on CPU
     compile=False,
     fdt_activation=None,    # None: the preset's (sparsemax; softmax is the paper's ablation)
+    fast_fdt=None,          # None: the preset's (True: lib/fdt_fast.py; False: fdt.py as written)
     n_fdt=None,
     fdt_temperature=None,
     logit_scale_init=None,
+    word_loss=0.0,          # weight of model.word_loss, the image predicting its caption's words
     augment=None,           # None: none for shapes (its captions say where things are: a crop
                             # would move them), crop otherwise
     batching="grouped",     # grouped: a shapes scene and its edits share a batch (lib/shapes.py)
@@ -126,10 +129,13 @@ def parse_args(argv):
     add("--amp", choices=["bf16", "fp16", "off"], help="autocast precision")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     add("--fdt-activation", choices=["sparsemax", "softmax"])
+    add("--fast-fdt", action=argparse.BooleanOptionalAction,
+        help="the exact fast FDT kernels (lib/fdt_fast.py), or fdt.py as written")
     add("--n-fdt", type=number(int, 1), help="number of FDT tokens")
     add("--fdt-temperature", type=number(float, 0, low_open=True))
     add("--logit-scale-init", type=number(float, 0, low_open=True),
         help="initial inverse temperature")
+    add("--word-loss", type=number(float, 0), help="weight of the caption-word loss (0: off)")
     add("--augment", choices=["crop", "mocov2", "none"],
         help="a mild random resized crop, or MoCo v2's augmentation (the paper's)")
     add("--batching", choices=["grouped", "random"])
@@ -288,8 +294,8 @@ def locked_run_folder(out):
 
 def model_config(args, vocab_size):
     """The preset, with the model flags given."""
-    overrides = {"head": args.model, "vocab_size": vocab_size}
-    for key in ("fdt_activation", "n_fdt", "fdt_temperature", "logit_scale_init"):
+    overrides = {"head": args.model, "vocab_size": vocab_size, "word_head": args.word_loss > 0}
+    for key in ("fdt_activation", "fast_fdt", "n_fdt", "fdt_temperature", "logit_scale_init"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     return replace(PRESETS[args.preset], **overrides)
@@ -314,7 +320,7 @@ def run_settings(args, config):
             "warmup_from": args.warmup_from, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
             "logit_scale_min": args.logit_scale_min, "logit_scale_max": args.logit_scale_max,
             "freeze_patch_embed": args.freeze_patch_embed, "amp": args.amp, "augment": args.augment,
-            "batching": args.batching}
+            "batching": args.batching, "word_loss": args.word_loss}
 
 
 def check_resumable(ckpt, settings, extend):
@@ -518,8 +524,10 @@ def run(args, device, rank, world_size):
             images = model_input(images.to(device), args, step, loader.local)
             tokens = tokens.to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                image_emb, text_emb, image_w, text_w = model(images, tokens)
+                image_emb, text_emb, image_w, text_w, word_logits = model(images, tokens)
             loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank, world_size)
+            if word_logits is not None:
+                loss = loss + args.word_loss * word_loss(word_logits, tokens)
             if not torch.isfinite(loss):            # a sync every step: a NaN must not reach the weights
                 raise SystemExit(f"stopped: non-finite loss ({loss.item()}) at step {step}; " + (
                     f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None

@@ -249,7 +249,7 @@ def trained(tmp_path_factory):
     batches = (batch for epoch in itertools.count() for batch in loader.epoch(epoch))
     try:
         for images, tokens in itertools.islice(batches, 250):
-            image_emb, text_emb, _, _ = model(data.preprocess(images), tokens)
+            image_emb, text_emb, _, _, _ = model(data.preprocess(images), tokens)
             loss = contrastive_loss(image_emb, text_emb, model.logit_scale)
             opt.zero_grad()
             loss.backward()

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from model import CLIP, PRESETS, ModelConfig, contrastive_loss
+from model import CLIP, PRESETS, ModelConfig, contrastive_loss, word_loss
 
 
 def batch(config, B, seed=0):
@@ -28,7 +28,7 @@ def test_shapes_for_every_preset_and_head(name, head):
     model = CLIP(config).eval()
     images, tokens = batch(config, 2)
     with torch.no_grad():
-        img, txt, wi, wt = model(images, tokens)
+        img, txt, wi, wt, _ = model(images, tokens)
     assert img.shape == txt.shape == (2, config.embed_dim)
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(2))
@@ -79,7 +79,7 @@ def test_loss_at_init_near_log_batch(head):
     model = CLIP(config)
     images, tokens = batch(config, 64)
     with torch.no_grad():
-        img, txt, _, _ = model(images, tokens)
+        img, txt, _, _, _ = model(images, tokens)
         loss = contrastive_loss(img, txt, model.logit_scale)
     # random embeddings: cosine std ~ 1/sqrt(D), so the loss is ln(B) plus a small excess
     assert abs(loss.item() - math.log(64)) < 1.0
@@ -109,7 +109,7 @@ def test_a_few_steps_lower_the_loss(head):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(15):
-        img, txt, _, _ = model(images, tokens)
+        img, txt, _, _, _ = model(images, tokens)
         loss = contrastive_loss(img, txt, model.logit_scale)
         opt.zero_grad()
         loss.backward()
@@ -129,3 +129,16 @@ def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": {}}, path)
     with pytest.raises(ValueError, match="incomplete .* no model_config, tokenizer"):
         load_checkpoint(path)
+
+
+def test_word_loss_against_a_count_by_hand():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, generator=g)
+    tokens = torch.tensor([[5, 7, 5, 2, 0, 0], [3, 2, 0, 0, 0, 0], [8, 1, 4, 6, 2, 0]])  # 1 = unknown
+    want = 0.0
+    for b in range(3):
+        words = {int(t) for t in tokens[b] if t >= 3}                         # no pad, unknown, EOT
+        for v in range(9):
+            p = 1 / (1 + math.exp(-float(logits[b, v])))
+            want -= math.log(p) if v in words else math.log(1 - p)
+    assert float(word_loss(logits, tokens)) == pytest.approx(want / 27, rel=1e-5)

@@ -206,3 +206,17 @@ def test_recipe_mechanics_frozen_stem_clamp_and_no_clipping(shapes_root, tmp_pat
     stem = [k for k in trained if k.startswith("visual.patch_embed")]
     assert stem and all(torch.equal(trained[k], fresh[k]) for k in stem)  # frozen at its initialisation
     assert not torch.equal(trained["visual.pos"], fresh["visual.pos"])    # the rest trains
+
+
+def test_the_readable_fdt_trains_as_the_fast_one(shapes_root, tmp_path):
+    """--no-fast-fdt trains fdt.FDT as written; the fast kernels give the same run (to rounding)."""
+    runs = {}
+    for name, flag in (("fast", "--fast-fdt"), ("plain", "--no-fast-fdt")):
+        train.main(flags(shapes_root, tmp_path / name, "--steps", "3", flag))
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [v for r in records if r["kind"] == "train" for v in (r["loss"], r["grad_norm"])]
+        ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+        assert ckpt["model_config"]["fast_fdt"] == (name == "fast")
+    assert runs["fast"] == pytest.approx(runs["plain"], rel=1e-4)
+    a, b = weights(tmp_path / "fast"), weights(tmp_path / "plain")
+    assert max((a[k] - b[k]).abs().max() for k in a) < 3e-3

@@ -393,7 +393,7 @@ def count_flops():
             model = CLIP(replace(preset, head=head))
             images, tokens = random_batch(preset, 2, "cpu")
             with FlopCounterMode(display=False) as counter:
-                image_emb, text_emb, _, _ = model(images, tokens)
+                image_emb, text_emb, _, _, _ = model(images, tokens)
                 contrastive_loss(image_emb, text_emb, model.logit_scale).backward()
             params = sum(p.numel() for p in model.parameters())
             rows.append((name, "CLIP+FDT" if head == "fdt" else "CLIP", params, counter.get_total_flops() / 2))
