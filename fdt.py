@@ -90,12 +90,13 @@ def apply_sparsemax(x, dim, threshold):
     can_read_on_host, NaN in that row elsewhere."""
     z = x.movedim(dim, -1).to(torch.promote_types(x.dtype, torch.float32))  # (..., n)
     if can_read_on_host(z):
-        bad = ~torch.isfinite(z).any(dim=-1) | torch.isnan(z).any(dim=-1) | (z == float("inf")).any(dim=-1)  # (...,)
-        if bad.any():
+        bad = ~torch.isfinite(z).any(dim=-1) | z.isnan().any(dim=-1) | (z == math.inf).any(dim=-1)
+        if bad.any():                                          # bad: (...,) one flag per row
             first = [i.item() for i in bad.nonzero()[0]]
-            raise ValueError(f"sparsemax: {int(bad.sum())} of {bad.numel()} rows have no finite entry or hold +inf "
-                             f"or NaN (the first at index {first}); in an FDT layer: an all-padding caption, or "
-                             "relevances that overflowed (fp16: use bf16 or a larger FDT temperature)")
+            raise ValueError(f"sparsemax: {int(bad.sum())} of {bad.numel()} rows have no finite "
+                             f"entry or hold +inf or NaN (the first at index {first}); in an FDT "
+                             "layer: an all-padding caption, or relevances that overflowed (fp16: "
+                             "use bf16 or a larger FDT temperature)")
     with torch.autocast(device_type=x.device.type, enabled=False):
         p = SparsemaxFunction.apply(z.contiguous(), threshold)
     return p.to(x.dtype).movedim(-1, dim)
