@@ -60,14 +60,15 @@ def _threshold_topk(z):
     The first n / 64 entries of each row, scaled by 64, have about the row's support scaled by
     1 / 64 (FDT tokens are in no particular order). Starting from 1.5x the rows' median estimate,
     most rows are solved in one round; where it passes n / 8 (T = 1000: ~30 % of 16384 tokens
-    active) the rows are sorted at once, instead of after three rounds that cost more than a sort."""
+    active) the rows are sorted at once, instead of after three rounds that cost more than one."""
     n = z.shape[-1]
     m = n // 64
-    if m < 8:
+    if m < 8 or z.numel() == 0:
         return threshold_sort(z)
     sample, _ = torch.sort(z[..., :m] * (n / m), dim=-1, descending=True)   # (..., m)
     _, sample_support = threshold_from_sorted(sample)                       # (..., 1)
-    expected = sample_support.float().median().item() * n / m               # a typical row's support
+    # a typical row's support: the samples' median, scaled back to the row
+    expected = sample_support.float().median().item() * n / m
     return _threshold_rounds(z, max(64, 64 * math.ceil(1.5 * expected / 64)))
 
 
