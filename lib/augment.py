@@ -48,9 +48,9 @@ def crop(images: torch.Tensor, u: torch.Tensor,
 
 MOCOV2_DRAWS = 13  # uniforms per image that mocov2 reads
 
-# hue: a rotation by h of the chroma plane of YIQ (an approximation of torchvision's HSV shift). As
-# one RGB -> RGB matrix that is HUE_BASIS[0] + cos h * HUE_BASIS[1] + sin h * HUE_BASIS[2]:
-# from_yiq @ (keep Y + cos h * keep I, Q + sin h * rotate I, Q by 90 degrees) @ to_yiq
+# hue: a rotation by h of YIQ's chroma plane (I, Q), an approximation of torchvision's HSV shift.
+# As one RGB -> RGB matrix, from_yiq @ R(h) @ to_yiq, with R(h) = diag(1, 0, 0) + cos h diag(0, 1, 1)
+# + sin h (I, Q turned by 90 degrees) = HUE_BASIS[0] + cos h HUE_BASIS[1] + sin h HUE_BASIS[2]
 _TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
                        dtype=torch.float64)
 HUE_BASIS = torch.stack([torch.linalg.inv(_TO_YIQ) @ part @ _TO_YIQ for part in (
