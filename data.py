@@ -497,8 +497,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
     """float (B, 3, S, S) in [0, 1] -> normalised with CLIP's mean and std."""
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    # non_blocking: a blocking copy to a GPU waits for all its queued work, every batch
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1).to(x.device, non_blocking=True)
     return (x - mean) / std
 
 

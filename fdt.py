@@ -41,7 +41,9 @@ def threshold_from_sorted(z_sorted):
     # element k (1-based, in sorted order) is in the support iff 1 + k * z_(k) > sum_{j<=k} z_(j).
     # -inf entries never qualify (the left side is -inf); their cumsum terms are never read.
     in_support = 1 + k * z_sorted > cumsum                    # (..., m) bool
-    support_size = in_support.sum(dim=-1, keepdim=True)       # (..., 1), >= 1: the max always qualifies
+    # >= 1 (the max always qualifies) on a valid row; the clamp makes a row of -inf, +inf or NaN
+    # give NaN (checked for only where that is free: can_read_on_host) instead of a bad index
+    support_size = in_support.sum(dim=-1, keepdim=True).clamp_(min=1)  # (..., 1)
     tau = (cumsum.gather(-1, support_size - 1) - 1) / support_size.to(z_sorted.dtype)  # (..., 1)
     return tau, support_size
 
@@ -74,17 +76,27 @@ class SparsemaxFunction(torch.autograd.Function):
         return (grad_p - g_mean).mul_(support), None
 
 
+def can_read_on_host(t):
+    """Whether a validity check may read t's values: in eager mode on the CPU, where it is free. On
+    a GPU the read waits for every queued kernel, each step, and under torch.compile it splits the
+    graph; there the checks are skipped and a bad row turns into NaN weights, which training's
+    non-finite loss check stops on."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def apply_sparsemax(x, dim, threshold):
     """SparsemaxFunction along any dim, in float32 (or float64) whatever x's dtype, even under autocast.
-    A row without a finite entry, or with +inf or NaN, has no defined projection: a ValueError."""
+    A row without a finite entry, or with +inf or NaN, has no defined projection: a ValueError where
+    can_read_on_host, NaN in that row elsewhere."""
     z = x.movedim(dim, -1).to(torch.promote_types(x.dtype, torch.float32))  # (..., n)
-    # one reduction and a sync per call: cheap next to the threshold, and a bad row must not pass silently
-    bad = ~torch.isfinite(z).any(dim=-1) | torch.isnan(z).any(dim=-1) | (z == float("inf")).any(dim=-1)  # (...,)
-    if bad.any():
-        first = [i.item() for i in bad.nonzero()[0]]
-        raise ValueError(f"sparsemax: {int(bad.sum())} of {bad.numel()} rows have no finite entry or hold +inf "
-                         f"or NaN (the first at index {first}); in an FDT layer: an all-padding caption, or "
-                         "relevances that overflowed (fp16: use bf16 or a larger FDT temperature)")
+    if can_read_on_host(z):
+        bad = ~torch.isfinite(z).any(dim=-1) | z.isnan().any(dim=-1) | (z == math.inf).any(dim=-1)
+        if bad.any():                                          # bad: (...,) one flag per row
+            first = [i.item() for i in bad.nonzero()[0]]
+            raise ValueError(f"sparsemax: {int(bad.sum())} of {bad.numel()} rows have no finite "
+                             f"entry or hold +inf or NaN (the first at index {first}); in an FDT "
+                             "layer: an all-padding caption, or relevances that overflowed (fp16: "
+                             "use bf16 or a larger FDT temperature)")
     with torch.autocast(device_type=x.device.type, enabled=False):
         p = SparsemaxFunction.apply(z.contiguous(), threshold)
     return p.to(x.dtype).movedim(-1, dim)
@@ -163,8 +175,9 @@ class FDT(nn.Module):
 
     def forward(self, queries, mask=None):
         """queries (B, T, dim) already query-mapped -> weights (B, n_tokens), embedding (B, dim).
-        Every row needs a real position: a row of pads only is a ValueError."""
-        if mask is not None and not mask.any(dim=1).all():
+        Every row needs a real position: a row of pads only is a ValueError (NaN weights where
+        the check is skipped: can_read_on_host)."""
+        if mask is not None and can_read_on_host(mask) and not mask.any(dim=1).all():
             raise ValueError(f"FDT: rows {(~mask.any(dim=1)).nonzero().flatten().tolist()} of the mask have no "
                              "real position (True = real); every caption needs at least its end-of-text token")
         weights = self.activate(self.pooled_relevance(queries, mask))  # (B, n_tokens)

@@ -24,6 +24,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -263,11 +264,19 @@ def setup_processes(args):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = pick_device(args.device)
+    if device.type == "cuda":
+        # TF32 for float32 matmuls and convolutions (float32's range, a 10-bit mantissa): without it
+        # a float32 run (--amp off, the paper recipe) does every matmul at a fraction of the speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if world_size > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # the other ranks wait at a barrier while rank 0 checkpoints and evaluates: that can take
+        # longer than NCCL's 10-minute default timeout (COCO's 25k val captions at base)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(hours=1))
     if args.batch_size % world_size:
         raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
     return device, rank, world_size
@@ -416,15 +425,14 @@ def run(args, device, rank, world_size):
             shapes.prepare(root)
         except ValueError as e:  # a folder of other data: nothing is written there
             raise SystemExit(f"error: {e}") from None
-    if world_size > 1:
-        dist.barrier()                              # other ranks wait for the generated data
     try:   # missing or unreadable data: the message, not a traceback
-        splits = ["train"]
-        if master:  # and what the evaluations read: every problem of every split in one report
-            splits.append(evaluation.EVAL_SPLIT[args.data])
-            if args.data == "shapes":
-                splits.append("zeroshot")
-        train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]
+        if master:  # rank 0 alone builds the image caches: N ranks would each decode and write one
+            splits = ["train", evaluation.EVAL_SPLIT[args.data]] + (["zeroshot"] if args.data == "shapes" else [])
+            train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]  # every problem at once
+        if world_size > 1:
+            dist.barrier()                          # the others wait for the data and its caches
+        if not master:
+            train_set = data.load_split(args.data, root, "train", preset.image_size)
         if ckpt is None:
             tokenizer = data.Tokenizer.build((c for caps in train_set.captions for c in caps), preset.context_length)
         loader = data.TrainLoader(train_set, tokenizer, args.batch_size, seed=args.seed, rank=rank,
@@ -439,7 +447,9 @@ def run(args, device, rank, world_size):
     model.visual.patch_embed.requires_grad_(not args.freeze_patch_embed)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    # bf16 needs no loss scaling. fp16 starts at 2**10, not the default 2**16: from there the
+    # first six steps' gradients overflow and are skipped (the tiny preset on shapes)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=amp == "fp16")
     steps_per_epoch = len(loader)
     total_steps = args.steps or args.epochs * steps_per_epoch
     settings = run_settings(args, config) | {"total_steps": total_steps,
@@ -510,28 +520,59 @@ def run(args, device, rank, world_size):
             raise KeyboardInterrupt
         interrupted.append(signum)
     previous_handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def all_stop():
+        """The signal to stop on after this step (0: none). A signal reaches each process at its own
+        step; they agree at logging steps (an all-reduce that the host waits for), so all stop at
+        one step, on the same signal."""
+        signum = interrupted[0] if interrupted else 0
+        if world_size == 1:
+            return signum
+        if step % 10:
+            return 0
+        flag = torch.tensor(signum, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
     last_eval = next((h for h in reversed(history) if h["kind"] == "eval" and h["step"] == step), {})
     last_eval = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "epoch")}
-    t_last, samples_since = time.time(), 0
+    losses = []  # (step, loss on the device) since the last check
+
+    def check_losses():
+        """Stop on a non-finite loss, read here (before logging and checkpoints) rather than every
+        step, where the host would wait for the device: a NaN can reach the weights, never a
+        checkpoint."""
+        values = torch.stack([value for _, value in losses]).tolist() if losses else []
+        bad = [(s, v) for (s, _), v in zip(losses, values) if not math.isfinite(v)]
+        losses.clear()
+        if bad:
+            raise SystemExit(f"stopped: non-finite loss ({bad[0][1]}) at step {bad[0][0]}; " + (
+                f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None
+                else "no checkpoint was saved before it"))
+
+    t_last, samples_since, stopped = time.time(), 0, 0
     try:
         for images, tokens in loader.stream(step):
-            if step == total_steps or interrupted:
+            stopped = all_stop()
+            if step == total_steps or stopped:
                 break
             lr = lr_at(step, total_steps, args.warmup, args.lr, args.warmup_from)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = model_input(images.to(device), args, step, loader.local)
-            tokens = tokens.to(device)
+            if device.type == "cuda":  # pinned: the copies below do not wait for the GPU to finish
+                images, tokens = images.pin_memory(), tokens.pin_memory()
+            # .contiguous(): the loader's channels-last batches would make the conv weight
+            # gradients channels-last, which DDP copies into its buckets every step
+            images = images.to(device, non_blocking=True).contiguous()
+            images = model_input(images, args, step, loader.local)
+            tokens = tokens.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 image_emb, text_emb, image_w, text_w, word_logits = model(images, tokens)
             loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank, world_size)
             if word_logits is not None:
                 loss = loss + args.word_loss * word_loss(word_logits, tokens)
-            if not torch.isfinite(loss):            # a sync every step: a NaN must not reach the weights
-                raise SystemExit(f"stopped: non-finite loss ({loss.item()}) at step {step}; " + (
-                    f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None
-                    else "no checkpoint was saved before it"))
+            losses.append((step, loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -545,6 +586,7 @@ def run(args, device, rank, world_size):
             bar.update(1)
 
             if step % 10 == 0 or step == total_steps:  # logging reads values off the device: a sync
+                check_losses()
                 if world_size > 1:                    # log the global batch's loss
                     loss = loss.detach().clone()
                     dist.all_reduce(loss)
@@ -560,19 +602,23 @@ def run(args, device, rank, world_size):
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in
                                  ("loss", "lr", "logit_scale", "active_image", "samples_per_s") if k in record})
             if step == total_steps or (step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.eval_every == 0):
+                check_losses()
                 if master:
                     checkpoint()
                     last_eval = evaluate()
                     bar.write(f"step {step} | " + " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items()))
                 if world_size > 1:
                     dist.barrier()
-        if interrupted and step < total_steps:   # after the last step the run is complete
+        if stopped and step < total_steps:   # after the last step the run is complete
+            check_losses()
             if master:
                 checkpoint()
-                bar.write(f"interrupted ({signal.Signals(interrupted[0]).name}) at step {step}: "
+                bar.write(f"interrupted ({signal.Signals(stopped).name}) at step {step}: "
                           f"saved {ckpt_path}; run again with the same flags and --resume to "
                           "continue")
-            raise SystemExit(128 + interrupted[0])
+            if world_size > 1:
+                dist.barrier()                       # the others wait for the checkpoint
+            raise SystemExit(128 + stopped)
     finally:
         bar.close()
         for s, handler in previous_handlers.items():

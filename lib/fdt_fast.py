@@ -39,24 +39,48 @@ def _topk_values(z, k, groups=16):
     return z.topk(k, dim=-1).values
 
 
-def _threshold_topk(z, k=64):
-    """The same tau from the k largest entries of each row: a partial selection reads the row once
-    instead of sorting it, and FDT weights are sparse (tens to a few hundred active tokens out of
+def _threshold_rounds(z, k):
+    """tau from the k largest entries of each row: a partial selection reads the row once instead
+    of sorting it, and FDT weights are sparse (tens to a few thousand active tokens out of
     thousands), so the support mostly fits in the top k. Rows where it may not (all k candidates
-    are in the support) are redone with 4k candidates, and so on up to the full sort, so every row
-    is exact."""
-    if k >= z.shape[-1]:
+    are in the support) are redone with 4k candidates, and so on, so every row is exact; past n / 8
+    candidates a full sort costs less than the selection."""
+    if 8 * k > z.shape[-1]:
         return threshold_sort(z)
     tau, support_size = threshold_from_sorted(_topk_values(z, k))
     unsolved = (support_size == k).squeeze(-1)                # (...,) bool: the support may go past k
     if unsolved.any():
-        tau[unsolved] = _threshold_topk(z[unsolved], 4 * k)
+        tau[unsolved] = _threshold_rounds(z[unsolved], 4 * k)
     return tau
 
 
+def _threshold_topk(z):
+    """tau of every row, exact, from a partial top-k whose size is estimated from a sample.
+
+    The first n / 64 entries of each row, scaled by 64, have about the row's support scaled by
+    1 / 64 (FDT tokens are in no particular order). Starting from 1.5x the rows' median estimate,
+    most rows are solved in one round; where it passes n / 8 (T = 1000: ~30 % of 16384 tokens
+    active) the rows are sorted at once, instead of after three rounds that cost more than one."""
+    n = z.shape[-1]
+    m = n // 64
+    if m < 8 or z.numel() == 0:
+        return threshold_sort(z)
+    sample, _ = torch.sort(z[..., :m] * (n / m), dim=-1, descending=True)   # (..., m)
+    _, sample_support = threshold_from_sorted(sample)                       # (..., 1)
+    # a typical row's support: the samples' median, scaled back to the row
+    expected = sample_support.float().median().item() * n / m
+    return _threshold_rounds(z, max(64, 64 * math.ceil(1.5 * expected / 64)))
+
+
+def _threshold(z):
+    """The top-k threshold where its host reads (the estimate, the unsolved rows) are free; on a
+    GPU or under torch.compile the full sort, which reads nothing back and keeps one graph."""
+    return _threshold_topk(z) if fdt.can_read_on_host(z) else threshold_sort(z)
+
+
 def sparsemax(x, dim=-1):
-    """fdt.sparsemax, with the threshold from a partial top-k (see _threshold_topk)."""
-    return apply_sparsemax(x, dim, _threshold_topk)
+    """fdt.sparsemax, with the threshold from a partial top-k (see _threshold)."""
+    return apply_sparsemax(x, dim, _threshold)
 
 
 # -----------------------------------------------------------------------------
@@ -65,11 +89,14 @@ def sparsemax(x, dim=-1):
 class MaxPooledRelevance(torch.autograd.Function):
     """s[b, k] = scale * max over real positions t of q[b, t] . C[k], keeping only the argmax for backward.
 
-    Plain autograd through relevance -> masked_fill -> amax saves the (B, T, n_tokens) relevances
-    and spends two more matmuls of that size in backward. But s[b, k] depends on one query only, the
-    winning position t* = argmax_t, so its gradient reaches q[b, t*] and C[k] alone:
+    Plain autograd through relevance -> masked_fill -> amax saves the (B, T, n_tokens) relevances.
+    But s[b, k] depends on one query only, the winning position t* = argmax_t, so its gradient
+    reaches q[b, t*] and C[k] alone:
         grad_q[b, t*] += g[b, k] * scale * C[k]        grad_C[k] += g[b, k] * scale * q[b, t*]
-    and sparsemax's gradient is zero off the support, so only tens of the (b, k) carry any.
+    and sparsemax's gradient is zero off the support, so only tens of the (b, k) carry any: on the
+    CPU backward gathers those. Finding them reads their count back to the host, which on a GPU
+    waits for the device and under torch.compile splits the graph; there the same sums are two
+    matmuls per batch slice through the relevance gradient (one non-zero per (b, k), at t*).
     Where two positions tie exactly, amax splits the gradient between them and this gives it all to one
     (both are valid subgradients); with float32 features ties have probability zero, in bfloat16
     (8-bit mantissa) 1-2 % of the maxima over tens of positions are ties.
@@ -77,46 +104,78 @@ class MaxPooledRelevance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, tokens, mask, scale):
-        """queries (B, T, dim), tokens = C (n_tokens, dim), mask (B, T) bool (True = real) or None."""
-        B, T, _ = queries.shape
-        s = queries.new_empty(B, tokens.shape[0])                    # (B, n_tokens)
-        winner = torch.empty_like(s, dtype=torch.long)               # (B, n_tokens), t* of every (b, k)
-        # in 8 slices of the batch: the whole (B, T, n_tokens) never exists, and on CPU a slice's
-        # relevances stay in cache between the matmul and the max (tiny preset: 4 MB)
-        chunk = math.ceil(B / 8)
+        """queries (B, T, dim), tokens = C (n_tokens, dim) in any float dtype (the maths runs in
+        queries' dtype; C's gradient comes back in C's), mask (B, T) bool (True = real) or None."""
+        s, winner = [], []
+        C = tokens.to(queries.dtype)
         with torch.autocast(queries.device.type, enabled=False):     # computes in queries' dtype, as s
-            for i in range(0, B, chunk):
-                rows = slice(i, i + chunk)
-                q = queries[rows]                                    # (b, T, dim)
+            for rows in _batch_slices(len(queries)):
+                # in slices: the whole (B, T, n_tokens) never exists, and on CPU a slice's
+                # relevances stay in cache between the matmul and the max (tiny preset: 4 MB).
                 # bmm: matmul, given tensors that require grad, would do one mm and copy to transpose
-                r = torch.bmm(tokens.expand(len(q), -1, -1), q.transpose(1, 2))  # (b, n_tokens, T), T contiguous
+                q = queries[rows]                                    # (b, T, dim)
+                r = torch.bmm(C.expand(len(q), -1, -1), q.transpose(1, 2))  # (b, n_tokens, T)
                 if mask is not None:
                     r.masked_fill_(~mask[rows, None, :], float("-inf"))
-                torch.max(r, dim=-1, out=(s[rows], winner[rows]))
-        ctx.save_for_backward(queries, tokens, winner)
+                best, t_star = r.max(dim=-1)                         # (b, n_tokens) each
+                s.append(best)
+                winner.append(t_star)
+        ctx.save_for_backward(queries, tokens, torch.cat(winner))   # (B, n_tokens): each t*
         ctx.scale = scale
-        return s.mul_(scale)                                         # scale > 0: the max is unchanged
+        return torch.cat(s).mul_(scale)                              # scale > 0: the same max
 
     @staticmethod
     def backward(ctx, grad_s):
         queries, tokens, winner = ctx.saved_tensors
         B, T, dim = queries.shape
-        n_tokens = tokens.shape[0]
-        grad_s = (grad_s * ctx.scale).to(queries.dtype)              # (B, n_tokens)
-        bk = grad_s.flatten().nonzero().squeeze(1)                   # (P,) flat ids b * n_tokens + k with a gradient
-        if len(bk) * dim > B * T * n_tokens:
-            # a dense gradient (softmax): the relevance gradient, one non-zero per (b, k), and two
-            # matmuls cost less than gathering a row of dim for every (b, k)
-            grad_r = grad_s.new_zeros(B, n_tokens, T)
-            grad_r.scatter_(-1, winner[..., None], grad_s[..., None])  # (B, n_tokens, T)
-            return grad_r.transpose(1, 2) @ tokens, torch.einsum("bkt,btd->kd", grad_r, queries), None, None
-        b, k = bk // n_tokens, bk % n_tokens
-        bt = b * T + winner.flatten()[bk]                            # (P,) flat ids b * T + t* of their winners
-        g = grad_s.flatten()[bk, None]                               # (P, 1)
-        q = queries.reshape(B * T, dim)
-        grad_queries = torch.zeros_like(q).index_add_(0, bt, tokens.index_select(0, k).mul_(g))  # (B * T, dim)
-        grad_tokens = torch.zeros_like(tokens).index_add_(0, k, q.index_select(0, bt).mul_(g))   # (n_tokens, dim)
-        return grad_queries.view(B, T, dim), grad_tokens, None, None
+        grad_s = grad_s.float() * ctx.scale                          # (B, n_tokens)
+        if fdt.can_read_on_host(grad_s):
+            bk = grad_s.flatten().nonzero().squeeze(1)               # (P,) b * n_tokens + k, g != 0
+            # a dense gradient (softmax): two matmuls cost less than a gathered row for each (b, k)
+            if len(bk) * dim <= B * T * tokens.shape[0]:
+                return *_sparse_backward(bk, grad_s, queries, tokens, winner), None, None
+        return *_dense_backward(grad_s, queries, tokens, winner), None, None
+
+
+def _batch_slices(B, n=8):
+    """n slices of range(B), the last one shorter."""
+    step = math.ceil(B / n)
+    return [slice(i, i + step) for i in range(0, B, step)]
+
+
+def _sparse_backward(bk, grad_s, queries, tokens, winner):
+    """MaxPooledRelevance's gradients from the P pairs (b, k) with a gradient, bk (P,) flat ids.
+    The sums run in float32 whatever the dtype: bfloat16 sums of tens of terms lose ~2 % (one
+    rounding of the result: ~0.2 %)."""
+    B, T, dim = queries.shape
+    n_tokens = tokens.shape[0]
+    b, k = bk // n_tokens, bk % n_tokens
+    bt = b * T + winner.flatten()[bk]                                # (P,) b * T + t*, the winners
+    g = grad_s.flatten()[bk, None]                                   # (P, 1) float32
+    q = queries.reshape(B * T, dim)
+    grad_queries = q.new_zeros(B * T, dim, dtype=torch.float32)
+    grad_queries.index_add_(0, bt, tokens.index_select(0, k).float().mul_(g))
+    grad_tokens = torch.zeros_like(tokens, dtype=torch.float32)
+    grad_tokens.index_add_(0, k, q.index_select(0, bt).float().mul_(g))
+    return grad_queries.view(B, T, dim).to(queries.dtype), grad_tokens.to(tokens.dtype)
+
+
+def _dense_backward(grad_s, queries, tokens, winner):
+    """MaxPooledRelevance's gradients as matmuls through the relevance gradient, one batch slice
+    at a time (as forward): no data-dependent shape, nothing read back to the host."""
+    B, T, dim = queries.shape
+    n_tokens = tokens.shape[0]
+    C = tokens.to(queries.dtype)
+    grad_s = grad_s.to(queries.dtype)
+    grad_queries = torch.empty_like(queries)
+    grad_tokens = torch.zeros_like(tokens, dtype=torch.float32)      # summed over slices in float32
+    for rows in _batch_slices(B):
+        g = grad_s[rows]                                             # (b, n_tokens)
+        grad_r = g.new_zeros(len(g), n_tokens, T)                    # (b, n_tokens, T)
+        grad_r.scatter_(-1, winner[rows, :, None], g[..., None])
+        grad_queries[rows] = grad_r.transpose(1, 2) @ C              # (b, T, dim)
+        grad_tokens += torch.einsum("bkt,btd->kd", grad_r, queries[rows]).float()
+    return grad_queries, grad_tokens.to(tokens.dtype)
 
 
 class FDT(fdt.FDT):
@@ -124,7 +183,7 @@ class FDT(fdt.FDT):
     checkpoints, same outputs."""
 
     def pooled_relevance(self, queries, mask=None):
-        return MaxPooledRelevance.apply(queries, self.tokens.to(queries.dtype), mask, self.scale)  # (B, n_tokens)
+        return MaxPooledRelevance.apply(queries, self.tokens, mask, self.scale)  # (B, n_tokens)
 
     def activate(self, s):
         return sparsemax(s, dim=-1) if self.activation == "sparsemax" else super().activate(s)

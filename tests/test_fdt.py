@@ -3,7 +3,9 @@ the FDT layer's masking, and its max-pooled relevance against plain autograd."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import fdt as fdt_module
 from lib import fdt_fast
 from fdt import FDT, QueryMap, sparsemax
 from lib.fdt_fast import MaxPooledRelevance
@@ -166,12 +168,13 @@ def test_fdt_gradients_flow_to_tokens_and_queries():
 # -----------------------------------------------------------------------------
 # the fast sparsemax (partial top-k) against the sort-based reference
 
-def rows_with_support(n, sizes, generator):
-    """One row per size s whose sparsemax support is exactly s: s entries within 1e-3 of 1 (so
-    each keeps about 1 / s > 1e-3), all others at -100."""
+def rows_with_support(n, sizes, generator, spread=1e-3):
+    """One row per size s whose sparsemax support is exactly s: s entries within `spread` of 1 (so
+    each keeps about 1 / s > spread), all others at -100."""
     rows = torch.full((len(sizes), n), -100.0)
     for i, s in enumerate(sizes):
-        rows[i, torch.randperm(n, generator=generator)[:s]] = 1 + 1e-3 * torch.rand(s, generator=generator)
+        where = torch.randperm(n, generator=generator)[:s]
+        rows[i, where] = 1 + spread * torch.rand(s, generator=generator)
     return rows
 
 
@@ -225,6 +228,29 @@ def test_fast_sparsemax_support_sizes_around_k():
     assert (fdt_fast.sparsemax(x) > 0).sum(-1).tolist() == sizes
 
 
+def test_fast_sparsemax_sorts_at_once_when_the_support_is_large(monkeypatch):
+    """Supports past n / 8 (T = 1000: ~4,800 of 16,384 tokens active) go straight to the sort,
+    with no top-k round; a batch of supports near 200 (T = 30) needs one round. Both are exact, as
+    is a batch mixing small supports with a large one."""
+    rounds = []
+    real_topk_values = fdt_fast._topk_values
+    monkeypatch.setattr(fdt_fast, "_topk_values",
+                        lambda z, k: rounds.append(k) or real_topk_values(z, k))
+    g = torch.Generator().manual_seed(5)
+    for sizes, n_rounds in (([4800, 5000, 4500, 3000], [0]), (list(range(150, 231, 5)), [1]),
+                            ([10, 20, 30, 5000], [0, 1, 2])):
+        x = rows_with_support(16384, sizes, g, spread=1e-5).requires_grad_()
+        rounds.clear()
+        p = fdt_fast.sparsemax(x)
+        assert len(rounds) in n_rounds, rounds
+        assert (p > 0).sum(-1).tolist() == sizes
+        grad = torch.randn(x.shape, generator=g)
+        ref = sparsemax(x)
+        torch.testing.assert_close(p, ref, atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.autograd.grad(p, x, grad)[0],
+                                   torch.autograd.grad(ref, x, grad)[0], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_fast_sparsemax_dtypes(dtype):
     x = (torch.randn(8, 4096, generator=torch.Generator().manual_seed(2)) * 3).to(dtype)
@@ -235,6 +261,15 @@ def test_fast_sparsemax_dtypes(dtype):
 
 # -----------------------------------------------------------------------------
 # the max-pooled relevance against plain autograd through the (B, T, n_tokens) relevances
+
+@pytest.fixture(params=["host reads", "no host reads"])
+def host_reads(request, monkeypatch):
+    """Both backward paths of MaxPooledRelevance: the gather on the CPU, the matmuls (as on a GPU
+    and under torch.compile)."""
+    if request.param == "no host reads":
+        monkeypatch.setattr(fdt_module, "can_read_on_host", lambda t: False)
+    return request.param
+
 
 def fast_and_plain(*args, **kwargs):
     """fdt_fast.FDT and fdt.FDT with the same FDT tokens."""
@@ -252,7 +287,7 @@ def random_mask(B, T, generator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B", [1, 13])
-def test_max_pooled_relevance_matches_plain_autograd(B, dtype):
+def test_max_pooled_relevance_matches_plain_autograd(B, dtype, host_reads):
     g = torch.Generator().manual_seed(B)
     torch.manual_seed(B)
     fdt, plain = (m.to(dtype) for m in fast_and_plain(96, 16, temperature=2.0))
@@ -271,7 +306,7 @@ def test_max_pooled_relevance_matches_plain_autograd(B, dtype):
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-def test_max_pooled_relevance_gradcheck_float64():
+def test_max_pooled_relevance_gradcheck_float64(host_reads):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     tokens = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -285,8 +320,43 @@ def test_max_pooled_relevance_keeps_no_relevance_tensor():
     assert max(t.numel() for t in s.grad_fn.saved_tensors) < 4 * 16 * 512
 
 
+class Accumulations(TorchDispatchMode):
+    """The dtype of every index_add_ (the sums of the gathered backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name == "aten::index_add_":
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_max_pooled_relevance_sums_bfloat16_gradients_in_float32(host_reads):
+    """bfloat16 queries: the gradients within one bfloat16 rounding of a float64 reference (a sum
+    of 200 terms rounded at every add, as a GPU's bfloat16 index_add_ does, is ~1.7 % off). Two
+    positions, the second half the first, so the winner is known: position 0 where s > 0."""
+    g = torch.Generator().manual_seed(6)
+    B, n_tokens, dim = 2048, 256, 16
+    q0 = torch.randn(B, dim, generator=g).bfloat16()
+    q = torch.stack([q0, q0 * 0.5], dim=1).requires_grad_()               # (B, 2, dim)
+    tokens = torch.randn(n_tokens, dim, generator=g, requires_grad=True)
+    upstream = torch.randn(B, n_tokens, generator=g) * (torch.rand(B, n_tokens, generator=g) < 0.1)
+    with Accumulations() as spy:
+        s = MaxPooledRelevance.apply(q, tokens, None, 0.5)
+        s.backward(upstream.bfloat16())
+    assert all(dtype == torch.float32 for dtype in spy.dtypes)
+    u, first = upstream.bfloat16().double(), (s > 0).double()          # first: position 0 wins
+    C = tokens.detach().bfloat16().double()
+    ref_q = 0.5 * torch.stack([(u * first) @ C, (u * (1 - first)) @ C], dim=1)
+    ref_tokens = 0.5 * ((u * first).t() @ q0.double() + (u * (1 - first)).t() @ (0.5 * q0.double()))
+    for got, want in ((q.grad, ref_q), (tokens.grad, ref_tokens)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 5e-3
+
+
 @pytest.mark.parametrize("activation", ["sparsemax", "softmax"])
-def test_fdt_forward_matches_plain_composite(activation):
+def test_fdt_forward_matches_plain_composite(activation, host_reads):
     torch.manual_seed(0)
     fdt, plain = fast_and_plain(200, 16, temperature=0.5, activation=activation)
     q = torch.randn(6, 9, 16, requires_grad=True)

@@ -9,7 +9,9 @@ ratio a / b is the median over the rounds of a's time over b's in the same round
 
 Rows:
     sparsemax    fdt_fast.sparsemax (partial top-k, exact) vs fdt.sparsemax (full sort), and vs the `entmax`
-                 package's sparsemax (full sort, and partial sort with k=64) when it is installed
+                 package's sparsemax (full sort, and partial sort with k=64) when it is installed; then on
+                 pooled relevances with as many active tokens as at T = 30 and T = 1000 (on CUDA
+                 fdt_fast sorts, and the top-k row says what the partial top-k would cost there)
     train step   CLIP+FDT vs the CLIP baseline at the tiny preset: time and peak memory; then the
                  fast FDT layer (fdt_fast.FDT) vs the plain one (fdt.FDT: autograd through (B, T, n_fdt))
     open_clip    our CLIP baseline vs open_clip's CLIP built at the same size, when installed
@@ -169,6 +171,35 @@ def bench_sparsemax(device, reps, shape=(256, 16384)):
                 targets.get(other, "")) for other in fns if other != "ours"]
     if "entmax" not in fns:
         rows.append(skipped(name, "entmax not installed: skipped"))
+    return rows + bench_sparsemax_fdt(device, reps, shape)
+
+
+# pooled relevances as the FDT layer sees them, the max over 49 positions of Gaussian relevances,
+# spread so that as many FDT tokens stay active as at T = 30 (~200 of 16,384) and T = 1000 (~4,800)
+FDT_SPREADS = {"T = 30": 0.02, "T = 1000": 0.0006}
+
+
+def bench_sparsemax_fdt(device, reps, shape):
+    g = torch.Generator(device).manual_seed(1)
+    rows = []
+    for label, spread in FDT_SPREADS.items():
+        u = torch.rand(shape, generator=g, device=device, dtype=torch.float64)
+        x = (torch.special.ndtri(u ** (1 / 49)) * spread).float()  # max of 49 N(0, 1): inverse CDF
+        grad = torch.randn(shape, generator=g, device=device)
+
+        def forward_backward(fn):
+            z = x.clone().requires_grad_()
+            fn(z).backward(grad)
+
+        fns = {"ours": fdt_fast.sparsemax, "full sort": fdt.sparsemax}
+        if device.type == "cuda":
+            fns["top-k"] = functools.partial(fdt.apply_sparsemax, dim=-1, threshold=fdt_fast._threshold_topk)
+        t = run_in_turns({name: functools.partial(forward_backward, fn) for name, fn in fns.items()}, device, reps)
+        active = (fdt.sparsemax(x) > 0).sum(-1).float().mean().item()
+        name = f"sparsemax {tuple(shape)}, {label}"
+        rows += [row(name, a, "full sort", median_ms(t, a), median_ms(t, "full sort"), "ms",
+                     paired_ratio(t, a, "full sort"), "<= 1.00" if a == "ours" else "",
+                     f"{active:,.0f} active per row") for a in fns if a != "full sort"]
     return rows
 
 
