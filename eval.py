@@ -4,6 +4,8 @@
                 (5 captions per image; an image -> text hit counts if any of its captions is in the top k)
     zero-shot   prompt-ensemble classification (Radford et al. 2021, Section 3.1.4): the shapes test
                 sets (by shape, colour, (colour, shape) pair, held-out pairs), CIFAR-10/100, ImageFolder
+    probe       shapes: linear probes of shape and colour on the frozen image embedding (CLIP's
+                linear-probe evaluation, Radford et al. 2021, Section 3.2)
     binding     shapes: does an image score its caption above the same caption with two colours
                 swapped, a shape replaced, a relation reversed ...? (chance 50 %)
     sugarcrepe  the same question on COCO val2017 images (SugarCrepe's 7 categories)
@@ -15,16 +17,16 @@
     python eval.py retrieval --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py zeroshot --ckpt runs/shapes-fdt-tiny/ckpt.pt --dataset shapes
     python eval.py binding --ckpt runs/shapes-fdt-tiny/ckpt.pt
+    python eval.py probe --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py sugarcrepe --ckpt CKPT --sugarcrepe-dir sugar-crepe/data --coco-dir data/coco
     python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val --classnames names.txt
     python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red circle"]
 
 train.py calls `evaluate` every --eval-every epochs and at the end. This file gathers the data sets
-and their captions; the embeddings and the numbers made from them are metrics.py's.
+and their captions; the embeddings and the numbers made from them are lib/metrics.py's.
 """
 
 import argparse
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -306,7 +308,7 @@ def write_json(path, record):
     """The results, already printed, saved next to the checkpoint; a folder that cannot be written
     ends the run with one line and exit code 1, the printed results being all there is."""
     try:
-        data.write_atomic(path, json.dumps(record, indent=1))
+        data.write_json(path, record)
     except OSError as e:
         raise SystemExit(f"error: cannot write {path} ({e.strerror}): the results above are not "
                          "saved; to save them, evaluate a copy of the checkpoint in a writable "
@@ -374,6 +376,21 @@ def run_binding(args):
         print(f"{kind:>15} {m[f'bind_{kind}']:6.1f}  ({len(tests[kind][0])} images; e.g. "
               f"\"{tests[kind][1][0]}\" vs \"{tests[kind][2][0]}\")")
     write_json(Path(args.ckpt).parent / "binding.json", {"checkpoint": str(args.ckpt), "root": str(root), **m})
+
+
+def run_probe(args):
+    ckpt, model, tokenizer = load(args)
+    _, root = data_source(ckpt, "shapes", args.data_dir)
+    if not shapes.ready(root):
+        raise SystemExit(f"error: the probes read the shapes world's labels, and {root} holds no "
+                         "shapes world (no shapes.json): pass the --data-dir of one")
+    with clear_errors():
+        m = evaluate_shapes_probe(model, root, model.config.image_size, args.device, args.n_train)
+    print(f"linear probes of the image embedding: fitted on {args.n_train} training images, scored "
+          "on the single objects of the zero-shot split (chance 12.5 %)")
+    for task in ("shape", "colour"):
+        print(f"{task:>8} {m[f'probe_{task}']:6.1f}")
+    write_json(Path(args.ckpt).parent / "probe.json", {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
 def run_sugarcrepe(args):
@@ -460,6 +477,9 @@ def main(argv: list[str] | None = None):
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
     p = command("binding", run_binding, "shapes: true captions vs swapped / replaced / reversed ones")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p = command("probe", run_probe, "shapes: linear probes of shape and colour on the frozen image features")
+    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--n-train", type=int, default=4000, help="training images the probes are fitted on")
     p = command("sugarcrepe", run_sugarcrepe, "SugarCrepe compositional benchmark on COCO val2017 images")
     p.add_argument("--sugarcrepe-dir", required=True, help="folder with add_att.json ... swap_obj.json")
     p.add_argument("--coco-dir", required=True, help="COCO 2017 root (with val2017/)")

@@ -52,7 +52,7 @@ DEFAULTS = dict(
     data_dir=None,          # None: data/<data>
     preset="tiny",          # tiny (CPU, 64 px), small (one GPU, 128 px), base (ViT-B/32, 224 px)
     model="fdt",            # fdt: CLIP+FDT; clip: the same towers with a projection head
-    epochs=3,
+    epochs=6,               # 936 steps on shapes: about 10 minutes on a 2-core CPU
     steps=None,             # total optimiser steps; None: epochs x steps per epoch
     batch_size=128,         # global, over all processes
     lr=1e-3,                # peak learning rate
@@ -70,7 +70,8 @@ DEFAULTS = dict(
     n_fdt=None,
     fdt_temperature=None,
     logit_scale_init=None,
-    word_loss=0.0,          # weight of model.word_loss, the image predicting its caption's words
+    word_loss=1.0,          # weight of model.word_loss, the image predicting its caption's words:
+                            # it makes the image tower learn shape (results/README.md)
     augment=None,           # None: none for shapes (its captions say where things are: a crop
                             # would move them), crop otherwise
     batching="grouped",     # grouped: a shapes scene and its edits share a batch (lib/shapes.py)
@@ -82,7 +83,8 @@ DEFAULTS = dict(
 )
 PAPER = dict(preset="base", epochs=32, batch_size=1024, warmup=2500, warmup_from=1e-4,
              grad_clip=0.0, logit_scale_min=3.0, logit_scale_max=6.0, freeze_patch_embed=True,
-             augment="mocov2", amp="off", fdt_temperature=1000.0, logit_scale_init=1 / 0.07)
+             augment="mocov2", amp="off", fdt_temperature=1000.0, logit_scale_init=1 / 0.07,
+             word_loss=0.0)
 
 
 def number(kind, low=-math.inf, high=math.inf, low_open=False):

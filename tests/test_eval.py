@@ -299,6 +299,23 @@ def test_zeroshot_cli_shapes_top1_and_top5(trained):
     assert 0 <= saved["zs_heldout"] <= 100
 
 
+def test_probe_cli_fits_on_training_labels_and_scores_single_objects(trained, capsys):
+    model, root = trained["model"], trained["root"]
+    evaluation.main(["probe", "--ckpt", str(trained["ckpt"]), "--device", "cpu", "--n-train", "40"])
+    saved = json.loads((trained["ckpt"].parent / "probe.json").read_text())
+    assert "shape" in capsys.readouterr().out
+    # the same probe by hand: labels from each training image's objects, single objects to score
+    train_set = data.load_split("shapes", root, "train", 32)
+    x = metrics.embed_images(model, train_set.images[:40], "cpu")
+    zs = shapes.load_zeroshot(root, 32)
+    test_x = metrics.embed_images(model, zs["images"], "cpu")
+    for task, names in (("shape", shapes.SHAPES), ("colour", shapes.COLOURS)):
+        y = torch.tensor([[float(any(o[task] == n for o in e["objects"])) for n in names]
+                          for e in train_set.entries[:40]])
+        want = metrics.linear_probe(x, y, test_x, zs["labels"][task])
+        assert saved[f"probe_{task}"] == pytest.approx(want)
+
+
 def test_binding_tests_and_cli(trained, capsys):
     val = data.load_split("shapes", trained["root"], "val", 32)
     tests = evaluation.binding_tests(val)

@@ -1,4 +1,4 @@
-"""The README's results table is exactly what study.py makes of the committed results file."""
+"""The results table in results/README.md is exactly what study.py makes of the committed results."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_readme_table_is_generated_from_the_results_json():
     results = json.loads((REPO / "results" / "study.json").read_text())
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "results" / "README.md").read_text()
     assert study.update_readme(readme, study.table(results)) == readme
     # only planned runs are in the results, each once, and the seeded comparison is complete first
     done = [(r["name"], r["seed"]) for r in results["runs"]]

@@ -2,12 +2,11 @@
 
     python -m tools.study run      # trains every run below (resumable: finished runs are skipped)
     python -m tools.study figures  # results/curves.png, results/binding.png, results/inspect/*.png
-    python -m tools.study table    # results/study.json -> the results tables in README.md
+    python -m tools.study table    # results/study.json -> the results table in results/README.md
 
-Every run is `python train.py` with its defaults (the tiny preset, the shapes world, 3 epochs of
-20,000 images at batch 128: 468 steps) and only the flags listed below changed, so the runs differ
-in nothing else. Runs go two at a time with one thread each (about 15 minutes a run on 2 CPU cores),
-in the order below: the seeded comparison first, then the ablations.
+Every run is `python train.py` with its defaults (the tiny preset on the shapes world) and only the
+flags listed below changed, so the runs differ in nothing else. Runs go two at a time with one
+thread each, in the order below: the seeded comparison first, then the ablations.
 """
 
 import argparse
@@ -45,6 +44,7 @@ RUNS = {
 SEEDED = ("CLIP", "CLIP+FDT")
 COLUMNS = [  # (key in the eval dict, header, chance level)
     ("rsum", "rsum", "6"), ("zs_shape", "ZS shape", "12.5"), ("zs_colour", "ZS colour", "12.5"),
+    ("probe_shape", "probe shape", "12.5"),
     ("zs_heldout", "held-out pairs", "50"), ("bind_swap_colour", "swap colours", "50"),
     ("bind_swap_shape", "swap shapes", "50"), ("bind_replace_shape", "replace shape", "50"),
     ("bind_replace_colour", "replace colour", "50"), ("bind_swap_relation", "reverse relation", "50"),
@@ -146,7 +146,8 @@ def update_readme(readme_text, table_text):
         head, rest = readme_text.split(README_BEGIN)
         _, tail = rest.split(README_END)
     except ValueError:
-        raise SystemExit(f"README.md needs the two marker lines:\n{README_BEGIN}\n{README_END}") from None
+        raise SystemExit(f"the results document needs the two marker lines:\n{README_BEGIN}\n"
+                         f"{README_END}") from None
     return f"{head}{README_BEGIN}\n{table_text}\n{README_END}{tail}"
 
 
@@ -178,7 +179,7 @@ def main(argv=None):
     p.add_argument("command", choices=["run", "figures", "table"])
     p.add_argument("--json", default="results/study.json", help="results file")
     p.add_argument("--out", default="runs/study", help="folder for the runs' checkpoints and curves")
-    p.add_argument("--readme", default="README.md")
+    p.add_argument("--readme", default="results/README.md", help="the document with the table")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = p.parse_args(argv)
