@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,16 @@ def write_json(path: Path, obj):
     write_atomic(path, json.dumps(obj))
 
 
+@contextmanager
+def clear_errors(what: str = ""):
+    """The loaders here (and checkpoint loading) raise FileNotFoundError / ValueError with a
+    message that says what to fix: a command line shows only that message, not a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {what}{e}") from None
+
+
 def _check(ok: bool, path: Path, what: str):
     if not ok:
         raise ValueError(f"{path}: {what}")
@@ -192,12 +203,16 @@ def _read_coco(ann_file: Path, image_dir: Path) -> tuple[list[Path], list[list[s
     return [image_dir / im["file_name"] for im in entries], captions, entries
 
 
+# Karpathy's splits in dataset_coco.json: train = train + restval, the standard 113k / 5k / 5k
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
 def _read_karpathy(json_file: Path, root: Path, split: str) -> tuple[list[Path], list[list[str]], list[dict]]:
-    """Karpathy's dataset_coco.json; train = train + restval, the standard 113k / 5k / 5k split."""
+    """Karpathy's dataset_coco.json, one of KARPATHY_SPLITS."""
     data = _read_json(json_file)
     _check(isinstance(data, dict) and isinstance(data.get("images"), list), json_file,
            "expected an object with a list 'images'")
-    wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+    wanted = KARPATHY_SPLITS[split]
     files, captions, entries = [], [], []
     for k, im in enumerate(data["images"]):
         _check(isinstance(im, dict) and im.get("split") in ("train", "restval", "val", "test")
@@ -279,7 +294,7 @@ def image_ids(source: str, root: str | Path, split: str) -> set[int]:
     whether two splits of COCO 2017 and Karpathy's layout share images. Not defined for shapes."""
     root = Path(root)
     if source == "karpathy":
-        wanted = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+        wanted = KARPATHY_SPLITS[split]
         entries = _read_json(root / "dataset_coco.json")["images"]
         return {im["cocoid"] for im in entries if im.get("split") in wanted and "cocoid" in im}
     if source == "coco":

@@ -27,7 +27,6 @@ and their captions; the embeddings and the numbers made from them are lib/metric
 """
 
 import argparse
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -253,19 +252,9 @@ def concept_profiles(model, tokenizer, root, device):
 # command line
 
 
-@contextmanager
-def clear_errors():
-    """Checkpoint and dataset loaders raise FileNotFoundError / ValueError with a message that
-    says what to fix: show only that message."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 def load(args):
     """-> checkpoint dict, model on args.device in eval mode, tokenizer."""
-    with clear_errors():
+    with data.clear_errors():
         ckpt = load_checkpoint(args.ckpt, map_location="cpu")
         model = model_from_checkpoint(ckpt).to(args.device).eval()
         tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
@@ -320,7 +309,7 @@ def run_retrieval(args):
     ckpt, model, tokenizer = load(args)
     source, root = data_source(ckpt, args.data, args.data_dir)
     refuse_overlap(ckpt, source, root, args.split, args.allow_overlap)
-    with clear_errors():
+    with data.clear_errors():
         caption_set = data.load_split(source, root, args.split, model.config.image_size)
     m = evaluate_retrieval(model, tokenizer, caption_set, args.device)
     n_texts = len(data.retrieval_captions(caption_set)[0])
@@ -339,7 +328,7 @@ def run_zeroshot(args):
     size = model.config.image_size
     if args.dataset == "shapes":
         _, root = data_source(ckpt, "shapes", args.data_dir)
-        with clear_errors():
+        with data.clear_errors():
             m = evaluate_shapes_zeroshot(model, tokenizer, root, size, args.device, topk=(1, 5))
         rows = {task: (m[f"zs_{task}"], m[f"zs_{task}_top5"]) for task in ("shape", "colour", "pair")}
         rows["heldout (vs other shapes)"] = (m["zs_heldout"], None)
@@ -347,7 +336,7 @@ def run_zeroshot(args):
         if args.dataset == "imagefolder" and not args.data_dir:
             raise SystemExit("--dataset imagefolder needs --data-dir: the folder with one sub-folder per class")
         root = Path(args.data_dir or f"data/{args.dataset}")
-        with clear_errors():  # e.g. no --classnames file, an unreadable image
+        with data.clear_errors():  # e.g. no --classnames file, an unreadable image
             dataset, classnames = benchmarks.zeroshot_dataset(args.dataset, root, size, args.classnames)
             acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device,
                                             workers=args.workers)
@@ -367,7 +356,7 @@ def run_binding(args):
         raise SystemExit(f"error: binding tests the shapes world's scenes, and {root} holds no "
                          "shapes world (no shapes.json): pass the --data-dir of one (`python -m "
                          "lib.shapes --root DIR` makes one)")
-    with clear_errors():
+    with data.clear_errors():
         caption_set = data.load_split(source, root, "val", model.config.image_size)
     m = evaluate_binding(model, tokenizer, caption_set, args.device)
     tests = binding_tests(caption_set)
@@ -384,7 +373,7 @@ def run_probe(args):
     if not shapes.ready(root):
         raise SystemExit(f"error: the probes read the shapes world's labels, and {root} holds no "
                          "shapes world (no shapes.json): pass the --data-dir of one")
-    with clear_errors():
+    with data.clear_errors():
         m = evaluate_shapes_probe(model, root, model.config.image_size, args.device, args.n_train)
     print(f"linear probes of the image embedding: fitted on {args.n_train} training images, scored "
           "on the single objects of the zero-shot split (chance 12.5 %)")
@@ -397,7 +386,7 @@ def run_sugarcrepe(args):
     ckpt, model, tokenizer = load(args)
     coco = Path(args.coco_dir)
     refuse_overlap(ckpt, "coco", coco, "val", args.allow_overlap)   # its images are val2017's
-    with clear_errors():
+    with data.clear_errors():
         items = benchmarks.read_sugarcrepe(args.sugarcrepe_dir)
         m = evaluate_sugarcrepe(model, tokenizer, items, coco / "val2017",
                                 coco / "cache" / f"sugarcrepe_{model.config.image_size}", args.device)
@@ -428,7 +417,7 @@ def run_inspect(args):
         examples.append(("", image, args.text))
     else:  # a few validation pairs of the training data, and for shapes the concept matrix
         source, root = data_source(ckpt, root=args.data_dir)
-        with clear_errors():
+        with data.clear_errors():
             caption_set = data.load_split(source, root, "val", size)
         for i in range(min(args.examples, len(caption_set.images))):
             examples.append((f"val{i}_", as_image_tensor(caption_set.images[i:i + 1])[0], caption_set.captions[i][0]))
@@ -442,7 +431,7 @@ def run_inspect(args):
         if image is not None and caption is not None:
             written.append(figures.plot_shared_tokens(model, tokenizer, image, caption, out / f"{prefix}pair_tokens.png"))
     if concepts_root is not None:
-        with clear_errors():
+        with data.clear_errors():
             result = concept_profiles(model, tokenizer, concepts_root, args.device)
         figures.plot_concept_tokens(result, out / "concept_tokens.png")
         written.append(out / "concept_tokens.png")

@@ -412,35 +412,32 @@ def run(args, device, rank, world_size):
     # before any data is read: a wrong flag costs seconds, not a cache build
     ckpt, history = None, []
     if args.resume:
-        try:
+        with data.clear_errors("cannot resume: "):
             ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: cannot resume: {e}") from None
         tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
         config = model_config(args, tokenizer.vocab_size)
         check_resumable(ckpt, run_settings(args, config), args.extend)
         history = read_history(out, ckpt["step"])
 
     # --- data: every split the run reads is checked (and cached) before the first step ----------
-    if args.data == "shapes" and master and not shapes.ready(root):
-        try:
+    with data.clear_errors():  # a folder of other data, missing or unreadable files: one message
+        if args.data == "shapes" and master and not shapes.ready(root):
             shapes.prepare(root)
-        except ValueError as e:  # a folder of other data: nothing is written there
-            raise SystemExit(f"error: {e}") from None
-    try:   # missing or unreadable data: the message, not a traceback
         if master:  # rank 0 alone builds the image caches: N ranks would each decode and write one
-            splits = ["train", evaluation.EVAL_SPLIT[args.data]] + (["zeroshot"] if args.data == "shapes" else [])
-            train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]  # every problem at once
+            splits = ["train", evaluation.EVAL_SPLIT[args.data]]
+            splits += ["zeroshot"] if args.data == "shapes" else []
+            # every problem of every split in one report
+            train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]
         if world_size > 1:
             dist.barrier()                          # the others wait for the data and its caches
         if not master:
             train_set = data.load_split(args.data, root, "train", preset.image_size)
         if ckpt is None:
-            tokenizer = data.Tokenizer.build((c for caps in train_set.captions for c in caps), preset.context_length)
+            captions = (c for caps in train_set.captions for c in caps)
+            tokenizer = data.Tokenizer.build(captions, preset.context_length)
         loader = data.TrainLoader(train_set, tokenizer, args.batch_size, seed=args.seed, rank=rank,
-                                  world_size=world_size, num_workers=args.workers, grouped=args.batching == "grouped")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+                                  world_size=world_size, num_workers=args.workers,
+                                  grouped=args.batching == "grouped")
 
     # --- model, optimiser, resume ------------------------------------------------
     config = model_config(args, tokenizer.vocab_size)
