@@ -88,7 +88,10 @@ def test_ddp_two_processes_equal_one(shapes_root, tmp_path):
         records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         logged[run] = [(r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"]
     assert len(logged["one"]) == 1   # step 3
-    assert logged["one"][0] == pytest.approx(logged["two"][0], rel=1e-5)
+    (loss_one, norm_one), (loss_two, norm_two) = logged["one"][0], logged["two"][0]
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+    # the stem's BatchNorm sums its statistics over processes: another order of float additions
+    assert norm_one == pytest.approx(norm_two, rel=1e-4)
     # the weights after 3 AdamW steps: Adam divides each gradient by its own running size, so an
     # element whose true gradient is ~0 (the attention key bias, for one) turns float noise into
     # steps of up to lr; every other element must agree
