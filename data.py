@@ -473,7 +473,11 @@ class TrainLoader:
     def _batch(self, images: np.ndarray, captions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # numpy gathers: torch's CPU advanced indexing was ~20x slower here
         x = torch.from_numpy(self.images[images]).permute(0, 3, 1, 2)  # (b, S, S, 3) -> (b, 3, S, S), channels-last memory
-        return x, torch.from_numpy(self.tokens[captions].astype(np.int64))
+        tokens = self.tokens[captions]                                 # (b, context_length)
+        # cut after the longest caption: the text tower is causal and the FDT ignores pads, so
+        # trailing pads change nothing but the cost (shapes captions: ~12 of 32 positions)
+        longest = int((tokens != PAD).sum(axis=1).max())
+        return x, torch.from_numpy(tokens[:, :longest].astype(np.int64))
 
     def stream(self, step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches from global step `step` on, epoch after epoch, without end."""

@@ -79,7 +79,7 @@ DEFAULTS = dict(
     out=None,               # None: runs/<data>-<model>-<preset>
     device=None,            # None: cuda when there is one
     workers=0,              # data loader read-ahead threads
-    eval_every=1,           # checkpoint and evaluate every N epochs
+    eval_every=2,           # checkpoint and evaluate every N epochs (and at the end)
 )
 PAPER = dict(preset="base", epochs=32, batch_size=1024, warmup=2500, warmup_from=1e-4,
              grad_clip=0.0, logit_scale_min=3.0, logit_scale_max=6.0, freeze_patch_embed=True,
