@@ -61,7 +61,8 @@ class Tokenizer:
     training (tens for shapes, ~15k for COCO, instead of cl100k's 100k)."""
 
     def __init__(self, bpe_ids: list[int], context_length: int, lowercase: bool = False):
-        self.bpe_ids = [int(i) for i in bpe_ids]  # bpe_ids[i] is the tiktoken id of compact id 3 + i
+        # bpe_ids[i] is the tiktoken id of compact id 3 + i
+        self.bpe_ids = [int(i) for i in bpe_ids]
         self.context_length = context_length
         self.lowercase = lowercase  # as CLIP: "Airplane" and "airplane" are one word
         self.vocab_size = N_SPECIAL + len(self.bpe_ids)
@@ -70,10 +71,12 @@ class Tokenizer:
         self._to_compact[self.bpe_ids] = np.arange(N_SPECIAL, self.vocab_size)
 
     @classmethod
-    def build(cls, texts: Iterable[str], context_length: int, lowercase: bool = True) -> "Tokenizer":
+    def build(cls, texts: Iterable[str], context_length: int,
+              lowercase: bool = True) -> "Tokenizer":
         tokenizer = cls([], context_length, lowercase)
         seen = {i for text in texts for i in tokenizer.bpe(text)}
-        return cls(sorted(seen), context_length, lowercase)  # sorted: the same captions give the same vocabulary
+        # sorted: the same captions give the same vocabulary
+        return cls(sorted(seen), context_length, lowercase)
 
     def bpe(self, text: str) -> list[int]:
         """The tiktoken ids of a text (lower-cased first if the tokenizer is)."""
@@ -83,7 +86,8 @@ class Tokenizer:
         """(B, context_length): ids, then EOT, then PAD. Long texts are cut so that EOT stays: the
         text tower may read its feature at the EOT position."""
         out = np.full((len(texts), self.context_length), PAD, dtype=np.int64)
-        for row, text in zip(out, texts):  # (tiktoken's encode_*_batch is ~10x slower on short texts)
+        # (tiktoken's encode_*_batch is ~10x slower on short texts)
+        for row, text in zip(out, texts):
             ids = self.bpe(text)[: self.context_length - 1]
             row[: len(ids)] = self._to_compact[ids]
             row[len(ids)] = EOT
@@ -103,7 +107,8 @@ class Tokenizer:
         special = {PAD: "", UNK: "<unk>", EOT: "<eot>"}
         ids = ids.tolist() if torch.is_tensor(ids) else ids
         return [special[i] if i in special else
-                self.enc.decode_single_token_bytes(self.bpe_ids[i - N_SPECIAL]).decode("utf-8", "replace")
+                self.enc.decode_single_token_bytes(self.bpe_ids[i - N_SPECIAL])
+                    .decode("utf-8", "replace")
                 for i in ids]
 
     def state_dict(self) -> dict:
@@ -114,9 +119,11 @@ class Tokenizer:
     @classmethod
     def from_state_dict(cls, state: dict) -> "Tokenizer":
         if state.get("encoding") != "cl100k_base":
-            raise ValueError(f"tokenizer state uses encoding {state.get('encoding')!r}, expected 'cl100k_base'")
+            raise ValueError(f"tokenizer state uses encoding {state.get('encoding')!r}, "
+                             "expected 'cl100k_base'")
         # checkpoints written before lower-casing existed kept the case
-        return cls(state["bpe_ids"].tolist(), int(state["context_length"]), bool(state.get("lowercase", False)))
+        return cls(state["bpe_ids"].tolist(), int(state["context_length"]),
+                   bool(state.get("lowercase", False)))
 
 
 # -----------------------------------------------------------------------------
@@ -128,7 +135,8 @@ class CaptionSet:
     images: np.ndarray          # (N, S, S, 3) uint8 memmap from the prepared-image cache
     captions: list[list[str]]   # per image, in file order; retrieval uses the first 5
     image_files: list[str]      # source image paths
-    entries: list[dict]         # per image, its entry in the caption file (COCO: "id", "file_name", ...)
+    # per image, its entry in the caption file (COCO: "id", "file_name", ...)
+    entries: list[dict]
 
 
 def _read_json(path: Path):
@@ -183,7 +191,8 @@ def _read_coco(ann_file: Path, image_dir: Path) -> tuple[list[Path], list[list[s
            "expected a COCO captions object with lists 'images' and 'annotations'")
     entries, index = data["images"], {}
     for k, im in enumerate(entries):
-        _check(isinstance(im, dict) and isinstance(im.get("id"), int) and isinstance(im.get("file_name"), str),
+        _check(isinstance(im, dict) and isinstance(im.get("id"), int)
+               and isinstance(im.get("file_name"), str),
                ann_file, f"images[{k}] needs an integer 'id' and a string 'file_name'")
         _check(im["id"] not in index, ann_file, f"images[{k}]: duplicate image id {im['id']}")
         index[im["id"]] = k
@@ -192,8 +201,10 @@ def _read_coco(ann_file: Path, image_dir: Path) -> tuple[list[Path], list[list[s
         _check(isinstance(ann, dict) and isinstance(ann.get("caption"), str), ann_file,
                f"annotations[{k}] needs a string 'caption'")
         _check(ann.get("image_id") in index, ann_file,
-               f"annotations[{k}] refers to image_id {ann.get('image_id')!r}, which is not in 'images'")
-        captions[index[ann["image_id"]]].append(ann["caption"].strip())  # some COCO captions end in " \n"
+               f"annotations[{k}] refers to image_id {ann.get('image_id')!r}, "
+               "which is not in 'images'")
+        # some COCO captions end in " \n"
+        captions[index[ann["image_id"]]].append(ann["caption"].strip())
         if not captions[index[ann["image_id"]]][-1]:  # it would train the image to match nothing
             empty.append(f"annotations[{k}] of {entries[index[ann['image_id']]]['file_name']}")
     _check(not empty, ann_file, f"{len(empty)} captions are empty or only whitespace: "
@@ -207,7 +218,8 @@ def _read_coco(ann_file: Path, image_dir: Path) -> tuple[list[Path], list[list[s
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
-def _read_karpathy(json_file: Path, root: Path, split: str) -> tuple[list[Path], list[list[str]], list[dict]]:
+def _read_karpathy(json_file: Path, root: Path,
+                   split: str) -> tuple[list[Path], list[list[str]], list[dict]]:
     """Karpathy's dataset_coco.json, one of KARPATHY_SPLITS."""
     data = _read_json(json_file)
     _check(isinstance(data, dict) and isinstance(data.get("images"), list), json_file,
@@ -216,8 +228,10 @@ def _read_karpathy(json_file: Path, root: Path, split: str) -> tuple[list[Path],
     files, captions, entries = [], [], []
     for k, im in enumerate(data["images"]):
         _check(isinstance(im, dict) and im.get("split") in ("train", "restval", "val", "test")
-               and isinstance(im.get("filename"), str) and isinstance(im.get("sentences"), list) and im["sentences"]
-               and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in im["sentences"]),
+               and isinstance(im.get("filename"), str) and isinstance(im.get("sentences"), list)
+               and im["sentences"]
+               and all(isinstance(s, dict) and isinstance(s.get("raw"), str)
+                       for s in im["sentences"]),
                json_file, f"images[{k}] needs 'split' (train/restval/val/test), 'filename' and "
                           "non-empty 'sentences' with a string 'raw' each")
         _check(all(s["raw"].strip() for s in im["sentences"]), json_file,
@@ -250,8 +264,8 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         if not json_file.exists():
             raise FileNotFoundError(
                 f"no {json_file}: get dataset_coco.json from Karpathy's caption_datasets.zip "
-                "(https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip) and put "
-                f"it next to the COCO images (`python -m tools.prepare_coco {root}`)")
+                "(https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip) "
+                f"and put it next to the COCO images (`python -m tools.prepare_coco {root}`)")
         files, captions, entries = _read_karpathy(json_file, root, split)
         name = f"karpathy_{split}"
     elif source in ("shapes", "coco"):
@@ -259,9 +273,11 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         ann_file = root / "annotations" / f"captions_{name}.json"
         if not ann_file.exists():
             raise FileNotFoundError(
-                f"no shapes dataset at {root}: generate it with `python -m lib.shapes --root {root}` "
+                f"no shapes dataset at {root}: generate it with "
+                f"`python -m lib.shapes --root {root}` "
                 "(train.py does this on first use)" if source == "shapes" else
-                f"no COCO captions at {ann_file}: download COCO 2017 with `python -m tools.prepare_coco {root}`")
+                f"no COCO captions at {ann_file}: download COCO 2017 with "
+                f"`python -m tools.prepare_coco {root}`")
         files, captions, entries = _read_coco(ann_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")
@@ -299,7 +315,8 @@ def image_ids(source: str, root: str | Path, split: str) -> set[int]:
         return {im["cocoid"] for im in entries if im.get("split") in wanted and "cocoid" in im}
     if source == "coco":
         name = "train2017" if split == "train" else "val2017"
-        return {im["id"] for im in _read_json(root / "annotations" / f"captions_{name}.json")["images"]}
+        return {im["id"]
+                for im in _read_json(root / "annotations" / f"captions_{name}.json")["images"]}
     raise ValueError(f"image ids are defined for coco and karpathy, not {source!r}")
 
 
@@ -456,23 +473,28 @@ class TrainLoader:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
         if len(cs.images) < batch_size:
-            raise ValueError(f"the split has {len(cs.images)} images, fewer than one batch of {batch_size}")
+            raise ValueError(f"the split has {len(cs.images)} images, "
+                             f"fewer than one batch of {batch_size}")
         self.images, self.batch_size, self.seed = cs.images, batch_size, seed
         self.local = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.num_workers = num_workers
         self.counts = np.array([len(caps) for caps in cs.captions])
         self.first = np.cumsum(self.counts) - self.counts  # index of each image's first caption
         groups = [e.get("group") for e in cs.entries]
-        self.groups = None if None in groups or not grouped else np.unique(groups, return_inverse=True)[1]  # (N,) in 0..G-1
+        # (N,) in 0..G-1
+        self.groups = (None if None in groups or not grouped
+                       else np.unique(groups, return_inverse=True)[1])
         # every caption tokenised once, here; int32 halves the memory of COCO's ~590k captions
-        self.tokens = tokenizer.encode([c for caps in cs.captions for c in caps]).numpy().astype(np.int32)
+        self.tokens = (tokenizer.encode([c for caps in cs.captions for c in caps]).numpy()
+                       .astype(np.int32))
 
     def __len__(self) -> int:
         return len(self.images) // self.batch_size  # the last partial batch is dropped
 
     def _batch(self, images: np.ndarray, captions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # numpy gathers: torch's CPU advanced indexing was ~20x slower here
-        x = torch.from_numpy(self.images[images]).permute(0, 3, 1, 2)  # (b, S, S, 3) -> (b, 3, S, S), channels-last memory
+        # (b, S, S, 3) -> (b, 3, S, S), channels-last memory
+        x = torch.from_numpy(self.images[images]).permute(0, 3, 1, 2)
         tokens = self.tokens[captions]                                 # (b, context_length)
         # cut after the longest caption: the text tower is causal and the FDT ignores pads, so
         # trailing pads change nothing but the cost (shapes captions: ~12 of 32 positions)
@@ -486,7 +508,8 @@ class TrainLoader:
             yield from self.epoch(epoch, start_batch)
             epoch, start_batch = epoch + 1, 0
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int,
+              start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng([self.seed, epoch])
         if self.groups is None:
             order = rng.permutation(len(self.images))

@@ -30,14 +30,16 @@ import torch.nn as nn
 
 def threshold_from_sorted(z_sorted):
     """tau and the support size of sparsemax from the m largest entries of each row, sorted in
-    descending order along the last dim (Martins & Astudillo, Alg. 1): sparsemax(z) = max(z - tau, 0).
+    descending order along the last dim (Martins & Astudillo, Alg. 1):
+    sparsemax(z) = max(z - tau, 0).
 
     z_sorted: (..., m). Returns tau (..., 1) and support_size (..., 1). Both are exact when m is the
     whole row, or when support_size < m: the support is a prefix of the sorted order, so once one
     of the m entries falls out of it, no later entry can be in it.
     """
     cumsum = z_sorted.cumsum(dim=-1)                          # (..., m)
-    k = torch.arange(1, z_sorted.shape[-1] + 1, device=z_sorted.device, dtype=z_sorted.dtype)  # (m,) 1-based ranks
+    k = torch.arange(1, z_sorted.shape[-1] + 1, device=z_sorted.device,
+                     dtype=z_sorted.dtype)  # (m,) 1-based ranks
     # element k (1-based, in sorted order) is in the support iff 1 + k * z_(k) > sum_{j<=k} z_(j).
     # -inf entries never qualify (the left side is -inf); their cumsum terms are never read.
     in_support = 1 + k * z_sorted > cumsum                    # (..., m) bool
@@ -71,8 +73,9 @@ class SparsemaxFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_p):
         (p,) = ctx.saved_tensors
-        support = p.sign()                                     # (..., n): 1 on the support, 0 off it (p >= 0)
-        g_mean = torch.linalg.vecdot(grad_p, support).unsqueeze(-1) / support.sum(dim=-1, keepdim=True)  # (..., 1)
+        support = p.sign()  # (..., n): 1 on the support, 0 off it (p >= 0)
+        g_mean = (torch.linalg.vecdot(grad_p, support).unsqueeze(-1)
+                  / support.sum(dim=-1, keepdim=True))  # (..., 1)
         return (grad_p - g_mean).mul_(support), None
 
 
@@ -85,9 +88,9 @@ def can_read_on_host(t):
 
 
 def apply_sparsemax(x, dim, threshold):
-    """SparsemaxFunction along any dim, in float32 (or float64) whatever x's dtype, even under autocast.
-    A row without a finite entry, or with +inf or NaN, has no defined projection: a ValueError where
-    can_read_on_host, NaN in that row elsewhere."""
+    """SparsemaxFunction along any dim, in float32 (or float64) whatever x's dtype, even under
+    autocast. A row without a finite entry, or with +inf or NaN, has no defined projection: a
+    ValueError where can_read_on_host, NaN in that row elsewhere."""
     z = x.movedim(dim, -1).to(torch.promote_types(x.dtype, torch.float32))  # (..., n)
     if can_read_on_host(z):
         bad = ~torch.isfinite(z).any(dim=-1) | z.isnan().any(dim=-1) | (z == math.inf).any(dim=-1)
@@ -144,7 +147,8 @@ class FDT(nn.Module):
         super().__init__()
         if activation not in ("sparsemax", "softmax"):
             raise ValueError(f"activation must be 'sparsemax' or 'softmax', got {activation!r}")
-        self.tokens = nn.Parameter(torch.randn(n_tokens, dim))  # C: both key and value, not projected
+        # C: both key and value, not projected
+        self.tokens = nn.Parameter(torch.randn(n_tokens, dim))
         self.temperature = temperature
         self.activation = activation
 
@@ -154,7 +158,8 @@ class FDT(nn.Module):
         return 1.0 / (math.sqrt(self.tokens.shape[1]) * self.temperature)
 
     def relevance(self, queries):
-        """Eq. 1: r[b, t, k] = q[b, t] . C[k] / sqrt(dim) / T.  queries (B, T, dim) -> (B, T, n_tokens)."""
+        """Eq. 1: r[b, t, k] = q[b, t] . C[k] / sqrt(dim) / T.
+        queries (B, T, dim) -> (B, T, n_tokens)."""
         return (queries @ self.tokens.t().to(queries.dtype)) * self.scale
 
     def pooled_relevance(self, queries, mask=None):
@@ -165,7 +170,8 @@ class FDT(nn.Module):
         by the 0/1 mask, which does exactly that)."""
         r = self.relevance(queries)                                  # (B, T, n_tokens)
         if mask is not None:
-            r = r.masked_fill(~mask[:, :, None], float("-inf"))      # (B, T, 1) broadcast over the FDT tokens
+            # (B, T, 1) broadcast over the FDT tokens
+            r = r.masked_fill(~mask[:, :, None], float("-inf"))
         return r.amax(dim=1)                                         # (B, n_tokens)
 
     def activate(self, s):
@@ -179,8 +185,10 @@ class FDT(nn.Module):
         Every row needs a real position: a row of pads only is a ValueError (NaN weights where
         the check is skipped: can_read_on_host)."""
         if mask is not None and can_read_on_host(mask) and not mask.any(dim=1).all():
-            raise ValueError(f"FDT: rows {(~mask.any(dim=1)).nonzero().flatten().tolist()} of the mask have no "
-                             "real position (True = real); every caption needs at least its end-of-text token")
+            raise ValueError(f"FDT: rows {(~mask.any(dim=1)).nonzero().flatten().tolist()} "
+                             "of the mask have no real position (True = real); "
+                             "every caption needs at least its end-of-text token")
         weights = self.activate(self.pooled_relevance(queries, mask))  # (B, n_tokens)
-        embedding = weights @ self.tokens.to(weights.dtype)          # Eq. 4: (B, dim), not yet normalised
+        # Eq. 4: (B, dim), not yet normalised
+        embedding = weights @ self.tokens.to(weights.dtype)
         return weights, embedding

@@ -1,10 +1,14 @@
 """Course assignments: hand out a core piece of the project, let the tests grade it.
 
-    python -m course.assign --list                          the assignments, what each teaches, its graders
-    python -m course.assign OUT_DIR [NAME ...]               a student copy with NAME's functions stubbed (default: all)
-    python -m course.assign --grade SUBMISSION_DIR [NAME ...]  run NAME's graders in a student's folder: pass / fail
-    python -m course.assign --verify [NAME ...]             re-derive the graders: stub each assignment in a
-                                                     scratch copy and check that exactly its graders fail
+    python -m course.assign --list
+        the assignments, what each teaches, its graders
+    python -m course.assign OUT_DIR [NAME ...]
+        a student copy with NAME's functions stubbed (default: all)
+    python -m course.assign --grade SUBMISSION_DIR [NAME ...]
+        run NAME's graders in a student's folder: pass / fail
+    python -m course.assign --verify [NAME ...]
+        re-derive the graders: stub each assignment in a scratch copy and check that exactly its
+        graders fail
 
 A student copy holds every file git tracks. In it each chosen function keeps its decorators,
 signature and docstring; its body becomes `raise NotImplementedError(...)` naming the function and
@@ -45,7 +49,8 @@ def find_function(tree, qualname):
     """The FunctionDef for "Class.method" or "function" among the module's top-level statements."""
     body, node = tree.body, None
     for part in qualname.split("."):
-        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        node = next((n for n in body
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
                      and n.name == part), None)
         if node is None:
             raise LookupError(f"no {qualname} (no {part!r} where it should be)")
@@ -57,20 +62,23 @@ def find_function(tree, qualname):
 
 def docstring_node(func):
     first = func.body[0]
-    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+    if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
         return first
     return None
 
 
 def body_lines(func, lines):
-    """(first, last) 1-based lines of the body after the docstring; first > last if there is none."""
+    """(first, last) 1-based lines of the body after the docstring; first > last if there is
+    none."""
     doc = docstring_node(func)
     if doc is not None:
         return doc.end_lineno + 1, func.end_lineno
     first = func.body[0].lineno
     if first == func.lineno:
         raise ValueError(f"{func.name}: the body shares the def line; put it on its own lines")
-    while first - 1 > func.lineno and lines[first - 2].strip().startswith("#"):  # comments opening the body
+    # comments opening the body
+    while first - 1 > func.lineno and lines[first - 2].strip().startswith("#"):
         first -= 1
     return first, func.end_lineno
 
@@ -80,8 +88,10 @@ SHAPE = re.compile(r"#\s*(\([^()]*,[^()]*\))")   # a trailing "# (B, T, n_tokens
 
 def shape_hints(source, func, first, last):
     """"name (shape)" for every assignment in lines first..last whose trailing comment opens with a
-    shape, and "returns (shape)" for a return: the reference's shape comments, without its method."""
-    comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+    shape, and "returns (shape)" for a return: the reference's shape comments, without its
+    method."""
+    comments = {tok.start[0]: tok.string
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline)
                 if tok.type == tokenize.COMMENT and first <= tok.start[0] <= last}
     hints, named = [], set()
     for node in ast.walk(func):
@@ -95,7 +105,8 @@ def shape_hints(source, func, first, last):
             continue
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         name = ", ".join(ast.unparse(t).strip("()") for t in targets)
-        if name not in named:                   # a name's first shape; later ones may be a step's detail
+        # a name's first shape; later ones may be a step's detail
+        if name not in named:
             named.add(name)
             hints.append((node.lineno, f"{name} {match.group(1)}"))
     return [text for _, text in sorted(hints)]
@@ -116,7 +127,8 @@ def stub_function(source, qualname, assignment, module):
     if hints:
         stub.append(f"{indent}# shapes in the reference solution:\n")
         stub += [f"{indent}#   {h}\n" for h in hints]
-    stub.append(f"{indent}raise NotImplementedError({stub_message(module, qualname, assignment)!r})\n")
+    stub.append(f"{indent}raise NotImplementedError("
+                f"{stub_message(module, qualname, assignment)!r})\n")
     return "".join(lines[:first - 1] + stub + lines[last:])
 
 
@@ -138,9 +150,11 @@ def split_target(target):
 # student copies
 
 def project_files(root):
-    """Every file git tracks (as it is in the working tree), or, outside git, everything but NOT_COPIED."""
+    """Every file git tracks (as it is in the working tree), or, outside git, everything but
+    NOT_COPIED."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout
         return [Path(p) for p in out.split("\0") if p and (root / p).is_file()]
     except (OSError, subprocess.CalledProcessError):
         return [p.relative_to(root) for p in sorted(root.rglob("*"))
@@ -171,8 +185,9 @@ def run_pytest(folder, selectors):
     "failed" (a failure or an error) or "skipped", message the first line of what went wrong."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                        *selectors], cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"--junitxml={report}", *selectors],
+                       cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not report.exists():
             return {}
         outcomes = {}
@@ -207,12 +222,14 @@ def covers(grader, node_id):
 
 
 def grade(folder, names):
-    """Run the named assignments' graders in folder in one pytest run; print and return pass / fail."""
+    """Run the named assignments' graders in folder in one pytest run; print and return pass /
+    fail."""
     selectors = sorted({g for name in names for g in ASSIGNMENTS[name]["graders"]})
     outcomes = run_pytest(folder, selectors)
     passed_all = True
     for name in names:
-        mine = {n: o for n, o in outcomes.items() if any(covers(g, n) for g in ASSIGNMENTS[name]["graders"])}
+        mine = {n: o for n, o in outcomes.items()
+                if any(covers(g, n) for g in ASSIGNMENTS[name]["graders"])}
         failed = sorted(n for n, (o, _) in mine.items() if o == "failed")
         ok = bool(mine) and not failed
         passed_all &= ok
@@ -228,7 +245,8 @@ def grade(folder, names):
 # re-deriving the graders
 
 def local_imports(path, modules):
-    """The project modules a file imports at its top level (a test's fixtures reach the rest through them)."""
+    """The project modules a file imports at its top level (a test's fixtures reach the rest
+    through them)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -262,8 +280,8 @@ def summarise(failed, all_ids):
 
 
 def verify(names):
-    """For each assignment: the tests that fail once it is stubbed (and pass on the reference) must be
-    exactly those its graders select. Prints the list to paste when they differ."""
+    """For each assignment: the tests that fail once it is stubbed (and pass on the reference) must
+    be exactly those its graders select. Prints the list to paste when they differ."""
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         reference = write_copy(Path(tmp) / "reference", [])
@@ -273,12 +291,15 @@ def verify(names):
         base = run_pytest(reference, files)
         broken = sorted(n for n, (o, _) in base.items() if o == "failed")
         if broken:
-            print("the reference fails these (left out of every comparison):\n  " + "\n  ".join(broken))
+            print("the reference fails these (left out of every comparison):\n  "
+                  + "\n  ".join(broken))
         for name in names:
             copy = write_copy(Path(tmp) / name, [name])
-            mine = sorted({f for t in ASSIGNMENTS[name]["functions"] for f in tests_reaching(copy, split_target(t)[1])})
+            mine = sorted({f for t in ASSIGNMENTS[name]["functions"]
+                           for f in tests_reaching(copy, split_target(t)[1])})
             outcomes = run_pytest(copy, mine)
-            failed = {n for n, (o, _) in outcomes.items() if o == "failed" and base.get(n, ("",))[0] == "passed"}
+            failed = {n for n, (o, _) in outcomes.items()
+                      if o == "failed" and base.get(n, ("",))[0] == "passed"}
             listed = {n for n, (o, _) in base.items()
                       if o == "passed" and any(covers(g, n) for g in ASSIGNMENTS[name]["graders"])}
             good = failed == listed
@@ -286,7 +307,8 @@ def verify(names):
             print(f"{'ok  ' if good else 'DIFF'}  {name}: {len(failed)} tests fail when stubbed, "
                   f"{len(listed)} listed", flush=True)
             if not good:
-                print(f"        not listed: {sorted(failed - listed)}\n        listed, passing: {sorted(listed - failed)}")
+                print(f"        not listed: {sorted(failed - listed)}\n"
+                      f"        listed, passing: {sorted(listed - failed)}")
                 print("        graders=" + repr(summarise(failed, sorted(base))))
     return ok
 
@@ -302,7 +324,8 @@ def print_list():
         for g in a["graders"]:
             file = g.split("::")[0].removeprefix("tests/")
             per_file[file] = per_file.get(file, 0) + 1
-        print(f"    graders: {len(a['graders'])} test ids, in " + ", ".join(f"{f} ({n})" for f, n in per_file.items()))
+        print(f"    graders: {len(a['graders'])} test ids, in "
+              + ", ".join(f"{f} ({n})" for f, n in per_file.items()))
 
 
 def print_graders(names):
@@ -313,19 +336,23 @@ def print_graders(names):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", nargs="?", help="where to write the student copy (with --grade: the submission)")
+    p.add_argument("folder", nargs="?",
+                   help="where to write the student copy (with --grade: the submission)")
     p.add_argument("names", nargs="*", metavar="NAME", help="assignments (default: all)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--list", action="store_true", help="print the assignments")
-    mode.add_argument("--grade", action="store_true", help="run the graders in FOLDER, a student's copy")
-    mode.add_argument("--verify", action="store_true", help="check every grader list against stubbed copies")
+    mode.add_argument("--grade", action="store_true",
+                      help="run the graders in FOLDER, a student's copy")
+    mode.add_argument("--verify", action="store_true",
+                      help="check every grader list against stubbed copies")
     args = p.parse_args(argv)
     if args.verify and args.folder:                      # --verify takes names only
         args.names.insert(0, args.folder)
     names = args.names or list(ASSIGNMENTS)
     unknown = [n for n in names if n not in ASSIGNMENTS]
     if unknown:
-        p.error(f"unknown assignment(s) {', '.join(unknown)}; python -m course.assign --list shows them")
+        p.error(f"unknown assignment(s) {', '.join(unknown)}; "
+                "python -m course.assign --list shows them")
     if args.list:
         print_list()
     elif args.verify:
@@ -338,7 +365,8 @@ def main(argv=None):
         out = write_copy(args.folder, names)
         print(f"wrote a student copy to {out} with {len(names)} assignment(s) stubbed")
         print_graders(names)
-        print(f"grade it with: python -m course.assign --grade {out} {' '.join(args.names)}".rstrip())
+        print((f"grade it with: python -m course.assign --grade {out} "
+               f"{' '.join(args.names)}").rstrip())
     return 0
 
 

@@ -36,7 +36,8 @@ def _resized_crop(x: torch.Tensor, u: torch.Tensor, scale, ratio, flip=None) -> 
 
 
 def crop(images: torch.Tensor, u: torch.Tensor,
-            scale: tuple[float, float] = (0.6, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+            scale: tuple[float, float] = (0.6, 1.0),
+            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 normalised, a random resized crop per image (area fraction in
     `scale`, aspect ratio in `ratio`), batched on the images' device. Never flipped: captions say
     left and right. u: (B, 4) uniforms in [0, 1), one row per image (area, aspect, x, y); they are
@@ -49,8 +50,9 @@ def crop(images: torch.Tensor, u: torch.Tensor,
 MOCOV2_DRAWS = 13  # uniforms per image that mocov2 reads
 
 # hue: a rotation by h of YIQ's chroma plane (I, Q), an approximation of torchvision's HSV shift.
-# As one RGB -> RGB matrix, from_yiq @ R(h) @ to_yiq, with R(h) = diag(1, 0, 0) + cos h diag(0, 1, 1)
-# + sin h (I, Q turned by 90 degrees) = HUE_BASIS[0] + cos h HUE_BASIS[1] + sin h HUE_BASIS[2]
+# As one RGB -> RGB matrix, from_yiq @ R(h) @ to_yiq, with R(h) = diag(1, 0, 0)
+# + cos h diag(0, 1, 1) + sin h (I, Q turned by 90 degrees)
+# = HUE_BASIS[0] + cos h HUE_BASIS[1] + sin h HUE_BASIS[2]
 _TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
                        dtype=torch.float64)
 HUE_BASIS = torch.stack([torch.linalg.inv(_TO_YIQ) @ part @ _TO_YIQ for part in (
@@ -60,7 +62,8 @@ HUE_BASIS = torch.stack([torch.linalg.inv(_TO_YIQ) @ part @ _TO_YIQ for part in 
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) luma (ITU-R 601, as torchvision's rgb_to_grayscale)."""
+    """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) luma (ITU-R 601, as torchvision's
+    rgb_to_grayscale)."""
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
@@ -93,9 +96,13 @@ def mocov2(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     radius = max(1, round(0.05 * H))
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)  # (k,)
     kernel = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))     # (B, k)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)  # (3B, k), one per channel
-    flat = x.reshape(1, 3 * B, H, W)                                          # images as channels: one grouped conv
-    blurred = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=3 * B)
-    blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None], groups=3 * B)
+    # (3B, k), one per channel
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(3, dim=0)
+    # images as channels: one grouped conv
+    flat = x.reshape(1, 3 * B, H, W)
+    blurred = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"),
+                       kernel[:, None, None, :], groups=3 * B)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="reflect"),
+                       kernel[:, None, :, None], groups=3 * B)
     x = torch.where(per_image(u[:, 11] < 0.5), blurred.view(B, 3, H, W), x)
     return normalise(x)

@@ -24,7 +24,8 @@ CIFAR_FOLDERS = {"cifar10": ("CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batc
 
 
 def zeroshot_dataset(name, root, image_size, classnames_file=None):
-    """-> (dataset of (uint8 (3, S, S), label), class names). name: cifar10 | cifar100 | imagefolder.
+    """-> (dataset of (uint8 (3, S, S), label), class names).
+    name: cifar10 | cifar100 | imagefolder.
     ImageFolder class names are the sorted folder names, or the lines of `classnames_file` in that
     order (an ImageNet validation set is sorted into synset folders like n01440764)."""
     import torchvision
@@ -36,7 +37,8 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
         try:  # finds a verified copy in root first; downloads only when there is none
             dataset = cls(root, train=False, transform=transform, download=True)
         except Exception as e:  # no network, a proxy, a truncated file
-            raise SystemExit(f"cannot get {name} into {root}/ ({type(e).__name__}: {e}).\nWithout network: "
+            raise SystemExit(f"cannot get {name} into {root}/ ({type(e).__name__}: {e}).\n"
+                             "Without network: "
                              f"download {cls.url} elsewhere and put {archive} (or its extracted "
                              f"{folder}/ folder) in {root}/") from None
         classnames = dataset.classes
@@ -53,7 +55,8 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
             raise SystemExit(f"{e}: {how}") from None
         classnames = dataset.classes
         if classnames_file:
-            classnames = [line.strip() for line in Path(classnames_file).read_text().splitlines() if line.strip()]
+            classnames = [line.strip() for line in Path(classnames_file).read_text().splitlines()
+                          if line.strip()]
             if len(classnames) != len(dataset.classes):
                 raise SystemExit(f"{classnames_file} has {len(classnames)} names but {root} has "
                                  f"{len(dataset.classes)} class folders")
@@ -82,7 +85,8 @@ class NamedFailures(torch.utils.data.Dataset):
 
 # SugarCrepe (Hsieh et al., NeurIPS 2023; github RAIVNLab/sugar-crepe, MIT licence)
 
-SUGARCREPE = ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"]
+SUGARCREPE = ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att",
+              "swap_obj"]
 SUGARCREPE_URL = "https://github.com/RAIVNLab/sugar-crepe/tree/main/data"
 
 
@@ -92,16 +96,20 @@ def read_sugarcrepe(folder):
     folder = Path(folder)
     missing = [f"{c}.json" for c in SUGARCREPE if not (folder / f"{c}.json").exists()]
     if missing:
-        raise FileNotFoundError(f"no SugarCrepe files {', '.join(missing)} in {folder}: get the 7 JSON files from "
+        raise FileNotFoundError(f"no SugarCrepe files {', '.join(missing)} in {folder}: "
+                                "get the 7 JSON files from "
                                 f"{SUGARCREPE_URL} (MIT licence) and put them there")
     items = {}
     for category in SUGARCREPE:
         path = folder / f"{category}.json"
         entries = data._read_json(path)
         ok = isinstance(entries, dict) and all(
-            isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("filename", "caption", "negative_caption"))
+            isinstance(v, dict) and all(isinstance(v.get(k), str)
+                                        for k in ("filename", "caption", "negative_caption"))
             for v in entries.values())
         if not ok or not entries:
-            raise ValueError(f"{path}: expected {{id: {{\"filename\", \"caption\", \"negative_caption\"}}}} with strings")
-        items[category] = [(v["filename"], v["caption"], v["negative_caption"]) for v in entries.values()]
+            raise ValueError(f"{path}: expected {{id: {{\"filename\", \"caption\", "
+                             "\"negative_caption\"}} with strings")
+        items[category] = [(v["filename"], v["caption"], v["negative_caption"])
+                           for v in entries.values()]
     return items

@@ -32,9 +32,12 @@ def _topk_values(z, k, groups=16):
         # columns hold k entries (their maxima) at least that large. Two selections over n / groups
         # and k * groups entries then replace one over the whole row (topk on CPU copies every
         # entry it looks at; the column max is a vectorised elementwise max).
-        columns = z.unflatten(-1, (groups, n // groups))                         # (..., groups, n / groups)
-        _, best = columns.amax(dim=-2).topk(k, dim=-1)                           # (..., k) column ids
-        z = columns.gather(-1, best.unsqueeze(-2).expand(*best.shape[:-1], groups, k))  # (..., groups, k)
+        # (..., groups, n / groups)
+        columns = z.unflatten(-1, (groups, n // groups))
+        # (..., k) column ids
+        _, best = columns.amax(dim=-2).topk(k, dim=-1)
+        # (..., groups, k)
+        z = columns.gather(-1, best.unsqueeze(-2).expand(*best.shape[:-1], groups, k))
         z = z.flatten(-2)                                                        # (..., groups * k)
     return z.topk(k, dim=-1).values
 
@@ -48,7 +51,8 @@ def _threshold_rounds(z, k):
     if 8 * k > z.shape[-1]:
         return threshold_sort(z)
     tau, support_size = threshold_from_sorted(_topk_values(z, k))
-    unsolved = (support_size == k).squeeze(-1)                # (...,) bool: the support may go past k
+    # (...,) bool: the support may go past k
+    unsolved = (support_size == k).squeeze(-1)
     if unsolved.any():
         tau[unsolved] = _threshold_rounds(z[unsolved], 4 * k)
     return tau
@@ -87,7 +91,8 @@ def sparsemax(x, dim=-1):
 # the max over positions, keeping only the argmax
 
 class MaxPooledRelevance(torch.autograd.Function):
-    """s[b, k] = scale * max over real positions t of q[b, t] . C[k], keeping only the argmax for backward.
+    """s[b, k] = scale * max over real positions t of q[b, t] . C[k], keeping only the argmax for
+    backward.
 
     Plain autograd through relevance -> masked_fill -> amax saves the (B, T, n_tokens) relevances.
     But s[b, k] depends on one query only, the winning position t* = argmax_t, so its gradient
@@ -97,8 +102,8 @@ class MaxPooledRelevance(torch.autograd.Function):
     CPU backward gathers those. Finding them reads their count back to the host, which on a GPU
     waits for the device and under torch.compile splits the graph; there the same sums are two
     matmuls per batch slice through the relevance gradient (one non-zero per (b, k), at t*).
-    Where two positions tie exactly, amax splits the gradient between them and this gives it all to one
-    (both are valid subgradients); with float32 features ties have probability zero, in bfloat16
+    Where two positions tie exactly, amax splits the gradient between them and this gives it all to
+    one (both are valid subgradients); with float32 features ties have probability zero, in bfloat16
     (8-bit mantissa) 1-2 % of the maxima over tens of positions are ties.
     """
 
@@ -108,11 +113,13 @@ class MaxPooledRelevance(torch.autograd.Function):
         queries' dtype; C's gradient comes back in C's), mask (B, T) bool (True = real) or None."""
         s, winner = [], []
         C = tokens.to(queries.dtype)
-        with torch.autocast(queries.device.type, enabled=False):     # computes in queries' dtype, as s
+        # computes in queries' dtype, as s
+        with torch.autocast(queries.device.type, enabled=False):
             for rows in _batch_slices(len(queries)):
                 # in slices: the whole (B, T, n_tokens) never exists, and on CPU a slice's
                 # relevances stay in cache between the matmul and the max (tiny preset: 4 MB).
-                # bmm: matmul, given tensors that require grad, would do one mm and copy to transpose
+                # bmm: matmul, given tensors that require grad, would do one mm and copy to
+                # transpose
                 q = queries[rows]                                    # (b, T, dim)
                 r = torch.bmm(C.expand(len(q), -1, -1), q.transpose(1, 2))  # (b, n_tokens, T)
                 if mask is not None:

@@ -1,13 +1,15 @@
 """Every figure: training curves, the FDT inspection pictures, the study's comparisons.
 
     plot_history          loss, lr, logit scale and evaluation metrics of one run (train.py)
-    plot_image_tokens     an image's top FDT tokens and the patches that ground each (eval.py inspect)
+    plot_image_tokens     an image's top FDT tokens and the patches that ground each
+                          (eval.py inspect)
     plot_text_tokens      a caption's top FDT tokens and the words that ground each
     plot_shared_tokens    an image's and a caption's FDT weights side by side
     plot_concept_tokens   the concept-by-token matrix (from eval.concept_profiles)
     plot_study            CLIP vs CLIP+FDT: curves and binding accuracy per kind (study.py)
 
-Metrics are computed elsewhere (metrics.py, eval.py); this file only draws. Files only, no display needed.
+Metrics are computed elsewhere (metrics.py, eval.py); this file only draws. Files only, no display
+needed.
 """
 
 from pathlib import Path
@@ -26,7 +28,8 @@ def pyplot():
     return plt
 
 
-def plot_eval_metrics(ax, records, keys=("rsum", "zs_shape", "zs_colour", "zs_heldout"), label="", **style):
+def plot_eval_metrics(ax, records, keys=("rsum", "zs_shape", "zs_colour", "zs_heldout"), label="",
+                      **style):
     """Evaluation records (dicts with "step" and metrics) over steps on one percent axis: rsum, out
     of 600, is drawn divided by 6."""
     for key in keys:
@@ -60,10 +63,12 @@ def plot_image_tokens(model, image, path, k=6):
     axes[0].imshow(picture)
     axes[0].set_title(f"image ({int((w > 0).sum())} active)", fontsize=9)
     axes[1].bar(range(len(top.indices)), top.values.cpu().numpy(), color="tab:blue")
-    axes[1].set_xticks(range(len(top.indices)), [f"#{i}" for i in top.indices.tolist()], rotation=90, fontsize=7)
+    axes[1].set_xticks(range(len(top.indices)), [f"#{i}" for i in top.indices.tolist()],
+                       rotation=90, fontsize=7)
     axes[1].set_title("top FDT weights", fontsize=9)
     for ax, token, weight in zip(axes[2:], top.indices.tolist(), top.values.tolist()):
-        heat = relevance[:, token].view(g, g).cpu().numpy()                   # (g, g), patches in raster order
+        # (g, g), patches in raster order
+        heat = relevance[:, token].view(g, g).cpu().numpy()
         ax.imshow(picture)
         ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, S, S, 0), interpolation="nearest")
         ax.set_title(f"#{token}  w={weight:.2f}", fontsize=9)
@@ -80,7 +85,8 @@ def plot_text_tokens(model, tokenizer, caption, path, k=6):
     plt, device = pyplot(), model.logit_scale.device
     tokens = tokenizer.encode([caption]).to(device)                           # (1, L)
     w = model.encode_text(tokens, return_weights=True)[1][0]                  # (n_fdt,)
-    relevance, mask = model.text_relevance(tokens)                            # (1, L, n_fdt), (1, L)
+    # (1, L, n_fdt), (1, L)
+    relevance, mask = model.text_relevance(tokens)
     n = int(mask[0].sum())
     words = tokenizer.decode_ids(tokens[0, :n])
     top = w.topk(min(k, int((w > 0).sum())))
@@ -106,8 +112,10 @@ def plot_shared_tokens(model, tokenizer, image, caption, path, k=12):
     """The FDT weights of an image and a caption side by side, on the k tokens with the largest
     summed weight: a matched pair should put its weight on the same tokens."""
     plt, device = pyplot(), model.logit_scale.device
-    wi = model.encode_image(data.preprocess(image[None].to(device)), return_weights=True)[1][0]  # (n_fdt,)
-    wt = model.encode_text(tokenizer.encode([caption]).to(device), return_weights=True)[1][0]   # (n_fdt,)
+    # (n_fdt,)
+    wi = model.encode_image(data.preprocess(image[None].to(device)), return_weights=True)[1][0]
+    # (n_fdt,)
+    wt = model.encode_text(tokenizer.encode([caption]).to(device), return_weights=True)[1][0]
     top = (wi + wt).topk(min(k, len(wi))).indices.tolist()                  # FDT token ids
     shared = int(((wi > 0) & (wt > 0)).sum())
     fig, (ax_i, ax_b) = plt.subplots(1, 2, figsize=(11, 2.8), gridspec_kw={"width_ratios": [1, 4]})
@@ -119,7 +127,8 @@ def plot_shared_tokens(model, tokenizer, image, caption, path, k=12):
     ax_b.set_xticks(x, [f"#{t}" for t in top], fontsize=8)
     ax_b.legend(fontsize=8)
     ax_b.set_title(f'"{caption}": {shared} tokens active in both (image {int((wi > 0).sum())}, '
-                   f"caption {int((wt > 0).sum())}); cosine {F.cosine_similarity(wi, wt, dim=0):.2f}", fontsize=9)
+                   f"caption {int((wt > 0).sum())}); "
+                   f"cosine {F.cosine_similarity(wi, wt, dim=0):.2f}", fontsize=9)
     return save(fig, path)
 
 
@@ -129,17 +138,21 @@ def plot_concept_tokens(profiles, path, per_concept=2):
     top tokens, and the cosine of the two profiles for every pair of concepts. The paper's claim is
     that the same tokens light up in both panels."""
     plt = pyplot()
-    concepts, image_rows, text_rows, cosine = (profiles[k] for k in ("concepts", "image", "text", "cosine"))
+    concepts, image_rows, text_rows, cosine = (profiles[k]
+                                               for k in ("concepts", "image", "text", "cosine"))
     columns = []  # each concept's top tokens by its image and text weights summed, in concept order
-    for row in image_rows + text_rows:                                        # (16, n_fdt) summed: a row per concept
+    # (16, n_fdt) summed: a row per concept
+    for row in image_rows + text_rows:
         columns += [t for t in row.topk(per_concept).indices.tolist() if t not in columns]
 
     fig, axes = plt.subplots(1, 3, figsize=(6 + 0.5 * len(columns), 5.5), layout="constrained",
-                             gridspec_kw={"width_ratios": [len(columns), len(columns), len(concepts)]})
+                             gridspec_kw={"width_ratios": [len(columns), len(columns),
+                                                           len(concepts)]})
     for ax, rows, title in ((axes[0], image_rows, "images showing the concept"),
                             (axes[1], text_rows, "prompts naming the concept")):
         block = rows[:, columns]                                              # (16, n_columns)
-        ax.imshow((block / block.amax(dim=1, keepdim=True).clamp(min=1e-12)).cpu().numpy(), cmap="magma", vmin=0)
+        ax.imshow((block / block.amax(dim=1, keepdim=True).clamp(min=1e-12)).cpu().numpy(),
+                  cmap="magma", vmin=0)
         ax.set_xticks(range(len(columns)), [f"#{t}" for t in columns], rotation=90, fontsize=7)
         ax.set_yticks(range(len(concepts)), concepts, fontsize=8)
         ax.set_title(f"{title}\n(mean FDT weight / row max)", fontsize=9)
@@ -158,11 +171,13 @@ def plot_history(history, path):
     plt = pyplot()
     train = [h for h in history if h["kind"] == "train"]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, key, title in zip(axes[:3], ("loss", "lr", "logit_scale"), ("train loss", "learning rate", "logit scale (exp)")):
+    for ax, key, title in zip(axes[:3], ("loss", "lr", "logit_scale"),
+                              ("train loss", "learning rate", "logit scale (exp)")):
         ax.plot([h["step"] for h in train], [h[key] for h in train])
         ax.set(title=title, xlabel="step")
     evals = [h for h in history if h["kind"] == "eval"]
-    if evals:                                     # none yet when Ctrl-C comes before the first epoch ends
+    # none yet when Ctrl-C comes before the first epoch ends
+    if evals:
         plot_eval_metrics(axes[3], evals)
         axes[3].legend(fontsize=7)
     fig.tight_layout()
@@ -177,10 +192,13 @@ def plot_study(histories, summary, curves_path, binding_path, seed=0):
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 3.6))
     for name, records in histories.items():
         train = [r for r in records if r["kind"] == "train"]
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=colours.get(name), label=name)
+        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train],
+                     color=colours.get(name), label=name)
         evals = [r for r in records if r["kind"] == "eval"]
-        for key, style in (("zs_shape", "-"), ("bind_swap_colour", "--"), ("bind_replace_shape", ":")):
-            plot_eval_metrics(ax_eval, evals, keys=(key,), label=f"{name} ", color=colours.get(name), linestyle=style)
+        for key, style in (("zs_shape", "-"), ("bind_swap_colour", "--"),
+                           ("bind_replace_shape", ":")):
+            plot_eval_metrics(ax_eval, evals, keys=(key,), label=f"{name} ",
+                              color=colours.get(name), linestyle=style)
     ax_loss.set(title=f"training loss (seed {seed})", xlabel="step")
     ax_loss.legend()
     ax_eval.legend(fontsize=7)
@@ -197,9 +215,11 @@ def plot_study(histories, summary, curves_path, binding_path, seed=0):
         ax.bar(x + (i - (len(summary) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                color=colours.get(name), label=f"{name} ({len(metrics[headers[0]])} seeds)")
     ax.axhline(50, color="grey", linewidth=0.8, linestyle="--")
-    ax.text(len(headers) - 0.5, 51, "chance for the binding tests", fontsize=7, ha="right", color="grey")
+    ax.text(len(headers) - 0.5, 51, "chance for the binding tests", fontsize=7, ha="right",
+            color="grey")
     ax.set_xticks(x, headers, rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="%", ylim=(0, 100), title="zero-shot and binding accuracy, mean ± std over seeds")
+    ax.set(ylabel="%", ylim=(0, 100),
+           title="zero-shot and binding accuracy, mean ± std over seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, binding_path, dpi=80)

@@ -44,14 +44,16 @@ def as_image_tensor(images):
     the zero-shot sets and image loaders give (b, 3, S, S) tensors already."""
     if torch.is_tensor(images):
         return images
-    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # copy out of the memmap; (b, 3, S, S)
+    # copy out of the memmap; (b, 3, S, S)
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)
 
 
 @torch.no_grad()
 def embed_images(model, images_uint8, device, batch_size=256, return_weights=False):
     """uint8 images, a (N, 3, S, S) tensor or a (N, S, S, 3) array -> L2-normalised (N, D) on
     `device` [and the FDT weights (N, n_fdt)]."""
-    batches = (as_image_tensor(images_uint8[a:a + batch_size]) for a in range(0, len(images_uint8), batch_size))
+    batches = (as_image_tensor(images_uint8[a:a + batch_size])
+               for a in range(0, len(images_uint8), batch_size))
 
     def encode(images, return_weights):
         return model.encode_image(data.preprocess(images), return_weights)
@@ -62,7 +64,8 @@ def embed_images(model, images_uint8, device, batch_size=256, return_weights=Fal
 def embed_texts(model, tokenizer, texts, device, batch_size=1024, return_weights=False):
     """list of N strings -> L2-normalised (N, D) on `device` [and the FDT weights (N, n_fdt)].
     Each batch is cut after its longest text: the text tower is causal and the FDT ignores pads, so
-    trailing pads change nothing but the cost (tests/test_model.py::test_text_features_ignore_padding)."""
+    trailing pads change nothing but the cost
+    (tests/test_model.py::test_text_features_ignore_padding)."""
     def encode(a):
         ids = tokenizer.encode(texts[a:a + batch_size])                      # (b, context_length)
         return ids[:, :int((ids != data.PAD).sum(dim=1).max())]              # (b, longest)
@@ -113,7 +116,8 @@ def retrieval_metrics(image_emb, text_emb, text_to_image):
 # CLIP's default prompt, then the 7 of its 80 ImageNet templates that openai/CLIP's notebook
 # Prompt_Engineering_for_ImageNet.ipynb found to work best together
 TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a origami {}.",
-             "a photo of the large {}.", "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+             "a photo of the large {}.", "a {} in a video game.", "art of the {}.",
+             "a photo of the small {}."]
 
 
 def zeroshot_classifier(model, tokenizer, classnames, templates, device):
@@ -123,8 +127,9 @@ def zeroshot_classifier(model, tokenizer, classnames, templates, device):
     prompt, after a space: BPE has other pieces for "red" and " red"."""
     unknown = tokenizer.unknown_pieces([" " + c for c in classnames])
     if unknown:
-        warnings.warn(f"{len(unknown)} pieces of the class names never occurred in the training captions and "
-                      f"are read as unknown: {', '.join(repr(p) for p in unknown[:20])}", stacklevel=2)
+        warnings.warn(f"{len(unknown)} pieces of the class names never occurred in the training "
+                      "captions and are read as unknown: "
+                      f"{', '.join(repr(p) for p in unknown[:20])}", stacklevel=2)
     texts = [t.format(c) for c in classnames for t in templates]
     emb = embed_texts(model, tokenizer, texts, device)                        # (C * T, D)
     return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)  # (C, D)
@@ -134,12 +139,14 @@ def topk_accuracy(scores, labels, topk=(1, 5)):
     """Top-k accuracy in percent: {"top1": ..., "top5": ...}. scores (N, C), higher is better;
     labels (N,). With k >= C every image counts as a hit."""
     pred = scores.topk(min(max(topk), scores.shape[1]), dim=1).indices      # (N, k_max), best first
-    correct = pred == labels.to(pred.device)[:, None]                         # (N, k_max), <= 1 True per row
+    # (N, k_max), <= 1 True per row
+    correct = pred == labels.to(pred.device)[:, None]
     return {f"top{k}": 100 * correct[:, :k].any(dim=1).float().mean().item() for k in topk}
 
 
 def zeroshot_accuracy(image_emb, classifier, labels, topk=(1, 5)):
-    """Top-k accuracy of a zero-shot classifier: image_emb (N, D), classifier (C, D), labels (N,)."""
+    """Top-k accuracy of a zero-shot classifier: image_emb (N, D), classifier (C, D),
+    labels (N,)."""
     return topk_accuracy(image_emb @ classifier.t(), labels, topk)
 
 
@@ -159,7 +166,8 @@ def heldout_accuracy(image_emb, pair_classifier, colour, shape):
     scores strictly higher than the same colour with another shape. image_emb (N, D),
     pair_classifier (C, S, D), colour and shape (N,) indices. Chance, and a model that sees colour
     but not shape, score 50 %."""
-    scores = torch.einsum("nd,nsd->ns", image_emb, pair_classifier[colour])   # (N, S): own colour, every shape
+    # (N, S): own colour, every shape
+    scores = torch.einsum("nd,nsd->ns", image_emb, pair_classifier[colour])
     own = scores.gather(1, shape[:, None])                                    # (N, 1)
     others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, shape[:, None], False)  # (N, S)
     return 100 * (own > scores)[others].float().mean().item()
@@ -177,7 +185,8 @@ def linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-4, steps=100)
     scene can hold several shapes), fitted with one-vs-rest logistic regression (L-BFGS, full
     batch, deterministic); test_x (M, D), test_y (M,) class indices."""
     x, y = train_x.float(), train_y.float()
-    mean, std = x.mean(dim=0), x.std(dim=0) + 1e-6                            # standardised features
+    # standardised features
+    mean, std = x.mean(dim=0), x.std(dim=0) + 1e-6
     W = torch.zeros(x.shape[1], y.shape[1], device=x.device, requires_grad=True)   # (D, K)
     b = torch.zeros(y.shape[1], device=x.device, requires_grad=True)          # (K,)
     opt = torch.optim.LBFGS([W, b], max_iter=steps, line_search_fn="strong_wolfe")
@@ -201,4 +210,5 @@ def linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-4, steps=100)
 def binding_accuracy(image_emb, true_emb, false_emb):
     """Percent of rows where the image scores its true caption strictly higher than the false one
     (a tie counts against the model). All (N, D); chance 50 %."""
-    return 100 * ((image_emb * true_emb).sum(-1) > (image_emb * false_emb).sum(-1)).float().mean().item()
+    return 100 * ((image_emb * true_emb).sum(-1)
+                  > (image_emb * false_emb).sum(-1)).float().mean().item()

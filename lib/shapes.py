@@ -35,8 +35,9 @@ import data
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart"]
 COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
-RGB = {"red": (215, 40, 40), "orange": (240, 135, 25), "yellow": (235, 215, 35), "green": (45, 165, 60),
-       "cyan": (35, 195, 205), "blue": (45, 75, 215), "purple": (135, 55, 195), "pink": (240, 120, 185)}
+RGB = {"red": (215, 40, 40), "orange": (240, 135, 25), "yellow": (235, 215, 35),
+       "green": (45, 165, 60), "cyan": (35, 195, 205), "blue": (45, 75, 215),
+       "purple": (135, 55, 195), "pink": (240, 120, 185)}
 # never in a train or val image or caption; one per colour and one per shape (a permutation), so
 # every colour and every shape is still seen in training, only not together
 HELDOUT_PAIRS = [("red", "square"), ("orange", "star"), ("yellow", "heart"), ("green", "triangle"),
@@ -44,15 +45,18 @@ HELDOUT_PAIRS = [("red", "square"), ("orange", "star"), ("yellow", "heart"), ("g
 TRAIN_PAIRS = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
 
 PX = 64
-RADIUS = {"small": 7.5, "large": 10.5}  # px; two large neighbours just touch (cells are 21 px apart)
+# px; two large neighbours just touch (cells are 21 px apart)
+RADIUS = {"small": 7.5, "large": 10.5}
 CELL_CENTRES = (11, 32, 53)             # a 3 x 3 grid of positions, one object per cell
 WHERE = {(0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in the top right",
          (1, 0): "on the left", (1, 1): "in the centre", (1, 2): "on the right",
          (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right"}
-SUPERSAMPLE = 4                         # shapes are drawn 4x larger, then averaged: anti-aliased edges
+# shapes are drawn 4x larger, then averaged: anti-aliased edges
+SUPERSAMPLE = 4
 SPLIT_SEEDS = {"train2017": 0, "val2017": 1, "zeroshot": 2}
 GROUP = 4                               # training scenes per group: a scene and 3 edits of it
-# how often each edit makes a group member; a swap needs two colours, so one-object scenes get the others
+# how often each edit makes a group member; a swap needs two colours, so one-object scenes get
+# the others
 EDITS = {"swap_colour": 6, "replace_shape": 2, "replace_colour": 1, "swap_position": 1}
 _YY, _XX = np.mgrid[0:PX, 0:PX].astype(np.float32) / (PX - 1) - 0.5  # (S, S) each, in [-0.5, 0.5]
 
@@ -78,7 +82,8 @@ def place(pairs: list[tuple[str, str]], cells, rng: np.random.Generator) -> list
     for (colour, shape), cell in zip(pairs, cells):
         row, col = divmod(int(cell), 3)
         x, y = np.array([CELL_CENTRES[col], CELL_CENTRES[row]]) + rng.uniform(-1, 1, 2)
-        objects.append({"colour": colour, "shape": shape, "size": ["small", "large"][rng.integers(2)],
+        objects.append({"colour": colour, "shape": shape,
+                        "size": ["small", "large"][rng.integers(2)],
                         "row": row, "col": col, "x": round(float(x), 2), "y": round(float(y), 2)})
     return _reading_order(objects)
 
@@ -153,7 +158,8 @@ def _outline(shape: str, r: float) -> np.ndarray:
         a = 0.33
         return np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1],
                          [-a, a], [-1, a], [-1, -a], [-a, -a]]) * 0.95 * r
-    if shape == "heart":  # the classic parametric heart curve: x in [-16, 16], y in [-12, 17], centred
+    # the classic parametric heart curve: x in [-16, 16], y in [-12, 17], centred
+    if shape == "heart":
         t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
         x = 16 * np.sin(t) ** 3
         y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
@@ -166,9 +172,12 @@ def render(objects: list[dict], rng: np.random.Generator) -> np.ndarray:
     the 8 colours) with the objects painted over it."""
     S, k = PX, SUPERSAMPLE
     angle = rng.uniform(0, 2 * np.pi)
-    grey = rng.uniform(70, 185) + rng.uniform(0, 50) * (np.cos(angle) * _XX + np.sin(angle) * _YY)  # (S, S)
-    noise = rng.uniform(0, 12) * (rng.random((S, S, 3), dtype=np.float32) - 0.5)                      # (S, S, 3)
-    image = (grey[..., None] + rng.normal(0, 4, 3) + noise).astype(np.float32)                        # (S, S, 3)
+    # (S, S)
+    grey = rng.uniform(70, 185) + rng.uniform(0, 50) * (np.cos(angle) * _XX + np.sin(angle) * _YY)
+    # (S, S, 3)
+    noise = rng.uniform(0, 12) * (rng.random((S, S, 3), dtype=np.float32) - 0.5)
+    # (S, S, 3)
+    image = (grey[..., None] + rng.normal(0, 4, 3) + noise).astype(np.float32)
     for o in objects:
         r = RADIUS[o["size"]]
         x0, y0 = max(0, int(o["x"] - r) - 1), max(0, int(o["y"] - r) - 1)  # the object's window, px
@@ -182,8 +191,10 @@ def render(objects: list[dict], rng: np.random.Generator) -> np.ndarray:
             draw.ellipse([x - r, y - r, x + r, y + r], outline=255, width=round(0.4 * r))
         else:
             draw.polygon([tuple(p) for p in _outline(o["shape"], r) + [x, y]], fill=255)
-        alpha = np.asarray(mask.reduce(k), dtype=np.float32)[..., None] / 255  # (y1 - y0, x1 - x0, 1) coverage
-        colour = np.array(RGB[o["colour"]], dtype=np.float32) + rng.uniform(-12, 12, 3).astype(np.float32)
+        # (y1 - y0, x1 - x0, 1) coverage
+        alpha = np.asarray(mask.reduce(k), dtype=np.float32)[..., None] / 255
+        colour = (np.array(RGB[o["colour"]], dtype=np.float32)
+                  + rng.uniform(-12, 12, 3).astype(np.float32))
         window = image[y0:y1, x0:x1]  # a view: painting it paints the image
         window += alpha * (colour - window)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
@@ -193,7 +204,8 @@ def render(objects: list[dict], rng: np.random.Generator) -> np.ndarray:
 # words
 
 def with_article(words: str) -> str:
-    """The words with "a" or "an" in front, as the first word needs: "a red star", "an orange star"."""
+    """The words with "a" or "an" in front, as the first word needs: "a red star",
+    "an orange star"."""
     return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
@@ -232,7 +244,8 @@ def captions(objects: list[dict]) -> list[str]:
                 f"the {o['shape']} is {o['colour']}"]
     number = ["two", "three"][len(objects) - 2]
     named = [_named(p) for p in objects]
-    counted = f"{number} shapes: " + _join([with_article(f"{p['size']} {p['colour']} {p['shape']}") for p in objects])
+    counted = f"{number} shapes: " + _join([with_article(f"{p['size']} {p['colour']} {p['shape']}")
+                                            for p in objects])
     placed = _join([f"{n} {WHERE[p['row'], p['col']]}" for n, p in zip(named, objects)])
     if len({p["colour"] for p in objects}) == 1:
         attribute = _join([f"the {p['shape']}" for p in objects]) + \
@@ -246,7 +259,8 @@ def prompts(colour: str, shape: str) -> list[str]:
     """Zero-shot prompts for one object of a (colour, shape) pair: the single-object captions that
     do not say where it is, so they fit an object anywhere."""
     return [with_article(f"{colour} {shape}"), f"the {shape} is {colour}",
-            f"there is one small {shape} and it is {colour}", f"there is one large {shape} and it is {colour}"]
+            f"there is one small {shape} and it is {colour}",
+            f"there is one large {shape} and it is {colour}"]
 
 
 # the binding test's kinds, each with its chance level of 50 %: the true caption must score higher
@@ -266,7 +280,8 @@ def negatives(objects: list[dict], rng: np.random.Generator) -> dict[str, tuple[
             out[kind] = (true, captions(edited)[0])
     if len(objects) > 1:
         a, b = objects[:2]
-        out["swap_relation"] = (relation_caption([a, b]), f"{_named(b)} {_relation(a, b)} {_named(a)}")
+        out["swap_relation"] = (relation_caption([a, b]),
+                                f"{_named(b)} {_relation(a, b)} {_named(a)}")
     return out
 
 
@@ -288,7 +303,8 @@ def _chunk(job: tuple) -> list[tuple[list[dict], list[str], int | None]]:
         elif split == "train2017":  # images g * GROUP ... g * GROUP + GROUP - 1 are group g
             group = i // GROUP
             if group not in groups:
-                groups[group] = training_group(np.random.default_rng([seed, SPLIT_SEEDS[split], group, GROUP]))
+                groups[group] = training_group(
+                    np.random.default_rng([seed, SPLIT_SEEDS[split], group, GROUP]))
             objects = groups[group][i % GROUP]
         else:
             objects = sample_scene(rng)
@@ -350,7 +366,8 @@ def prepare(root: str | Path, n_train: int = 20000, n_val: int = 1000, n_test_pe
     root = Path(root)
     params = {"n_train": n_train, "n_val": n_val, "n_test_per_pair": n_test_per_pair, "seed": seed,
               "version": 2}
-    done = root / "shapes.json"  # written last: its presence means the whole dataset is there (ready)
+    # written last: its presence means the whole dataset is there (ready)
+    done = root / "shapes.json"
     if done.exists() and json.loads(done.read_text()) == params:
         return root
     refuse_foreign(root)
@@ -360,9 +377,11 @@ def prepare(root: str | Path, n_train: int = 20000, n_val: int = 1000, n_test_pe
         for split, n in sizes.items():
             (root / split).mkdir(parents=True, exist_ok=True)
             # 500 images per job: a multiple of GROUP, so no group is split over two jobs
-            jobs = [(split, a, min(a + 500, n), seed, n_test_per_pair, str(root / split)) for a in range(0, n, 500)]
+            jobs = [(split, a, min(a + 500, n), seed, n_test_per_pair, str(root / split))
+                    for a in range(0, n, 500)]
             records = [r for chunk in pool.imap(_chunk, jobs) for r in chunk]
-            images = [{"id": i, "file_name": f"{i:012d}.png", "height": PX, "width": PX, "objects": objects}
+            images = [{"id": i, "file_name": f"{i:012d}.png", "height": PX, "width": PX,
+                       "objects": objects}
                       | ({} if group is None else {"group": group})
                       for i, (objects, _, group) in enumerate(records)]
             annotations = [{"id": 5 * i + j, "image_id": i, "caption": c}
@@ -385,17 +404,21 @@ def load_zeroshot(root: str | Path, image_size: int) -> dict:
     cs = data.load_split("shapes", root, "zeroshot", image_size)
     colour = torch.tensor([COLOURS.index(e["objects"][0]["colour"]) for e in cs.entries])
     shape = torch.tensor([SHAPES.index(e["objects"][0]["shape"]) for e in cs.entries])
-    heldout = torch.tensor([(COLOURS[c], SHAPES[s]) in HELDOUT_PAIRS for c, s in zip(colour.tolist(), shape.tolist())])
-    return {"images": torch.from_numpy(np.ascontiguousarray(cs.images.transpose(0, 3, 1, 2))),  # (N, S, S, 3) -> (N, 3, S, S)
+    heldout = torch.tensor([(COLOURS[c], SHAPES[s]) in HELDOUT_PAIRS
+                            for c, s in zip(colour.tolist(), shape.tolist())])
+    # (N, S, S, 3) -> (N, 3, S, S)
+    return {"images": torch.from_numpy(np.ascontiguousarray(cs.images.transpose(0, 3, 1, 2))),
             "labels": {"shape": shape, "colour": colour, "pair": colour * 8 + shape},
-            "classes": {"shape": SHAPES, "colour": COLOURS, "pair": [f"{c} {s}" for c in COLOURS for s in SHAPES]},
+            "classes": {"shape": SHAPES, "colour": COLOURS,
+                        "pair": [f"{c} {s}" for c in COLOURS for s in SHAPES]},
             "heldout": heldout}
 
 
 if __name__ == "__main__":
     import argparse
     import time
-    parser = argparse.ArgumentParser(description="generate the shapes dataset (train.py does this on first use)")
+    parser = argparse.ArgumentParser(
+        description="generate the shapes dataset (train.py does this on first use)")
     parser.add_argument("--root", default="data/shapes")
     args = parser.parse_args()
     t0 = time.perf_counter()

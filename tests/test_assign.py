@@ -1,6 +1,7 @@
-"""assign.py: every assignment's stub keeps the function's face (signature, decorators, docstring) and
-nothing else changes; the graders exist; and in a student copy the graders fail naming the function
-while the other tests pass. Skipped inside a student copy, where the stubs are already in place."""
+"""assign.py: every assignment's stub keeps the function's face (signature, decorators, docstring)
+and nothing else changes; the graders exist; and in a student copy the graders fail naming the
+function while the other tests pass. Skipped inside a student copy, where the stubs are already in
+place."""
 
 import ast
 import py_compile
@@ -28,11 +29,13 @@ def stubbed_here():
     return out
 
 
-pytestmark = pytest.mark.skipif(bool(stubbed_here()), reason="a student copy: assign.py grades it, not this file")
+pytestmark = pytest.mark.skipif(bool(stubbed_here()),
+                                reason="a student copy: assign.py grades it, not this file")
 
 
 def without_bodies(source, qualnames):
-    """The module's AST with the named functions' bodies cut to their docstrings: what a stub keeps."""
+    """The module's AST with the named functions' bodies cut to their docstrings: what a stub
+    keeps."""
     tree = ast.parse(source)
     for qualname in qualnames:
         func = assign.find_function(tree, qualname)
@@ -45,10 +48,12 @@ def test_every_target_exists_and_every_grader_names_a_test():
         assert a["teaches"] and a["minutes"] > 0 and a["graders"], name
         for target in a["functions"]:
             file, _, qualname = assign.split_target(target)
-            assign.find_function(ast.parse((REPO / file).read_text()), qualname)   # LookupError if gone
+            # LookupError if gone
+            assign.find_function(ast.parse((REPO / file).read_text()), qualname)
         for grader in a["graders"]:
             file, _, test = grader.partition("::")
-            defined = {n.name for n in ast.parse((REPO / file).read_text()).body if isinstance(n, ast.FunctionDef)}
+            defined = {n.name for n in ast.parse((REPO / file).read_text()).body
+                       if isinstance(n, ast.FunctionDef)}
             assert test.split("[")[0] in defined, f"{name}: {grader} is not a test"
 
 
@@ -65,19 +70,24 @@ def test_stubs_keep_signature_decorators_docstring_and_nothing_else_changes(tmp_
             assert assign.is_stub(stub_source, qualname), target
             assert ast.get_docstring(stub) == ast.get_docstring(ref), target
             assert ast.dump(stub.args) == ast.dump(ref.args), target
-            assert [ast.dump(d) for d in stub.decorator_list] == [ast.dump(d) for d in ref.decorator_list], target
-            assert assign.stub_message(module, qualname, name) in ast.get_source_segment(stub_source, stub)
+            assert ([ast.dump(d) for d in stub.decorator_list]
+                    == [ast.dump(d) for d in ref.decorator_list]), target
+            assert (assign.stub_message(module, qualname, name)
+                    in ast.get_source_segment(stub_source, stub))
     for file, qualnames in by_file.items():
         py_compile.compile(str(out / file), doraise=True)
-        assert without_bodies((out / file).read_text(), qualnames) == without_bodies((REPO / file).read_text(), qualnames)
-    for rel in assign.project_files(REPO):                                # the other files: copied as they are
+        assert (without_bodies((out / file).read_text(), qualnames)
+                == without_bodies((REPO / file).read_text(), qualnames))
+    # the other files: copied as they are
+    for rel in assign.project_files(REPO):
         if rel.as_posix() not in by_file:
             assert (out / rel).read_bytes() == (REPO / rel).read_bytes(), rel
 
 
 def test_stub_of_a_method_without_docstring_keeps_indentation():
     source = ("class A:\n    @staticmethod\n    def f(x):\n        # (B, T) comment only\n"
-              "        y = x + 1  # (B, T)\n        return y\n\n    def g(self):\n        return 2\n")
+              "        y = x + 1  # (B, T)\n        return y\n\n"
+              "    def g(self):\n        return 2\n")
     stubbed = assign.stub_function(source, "A.f", "demo", "m")
     namespace = {}
     exec(stubbed, namespace)
@@ -95,8 +105,10 @@ def test_student_copy_fails_exactly_the_graders_naming_the_function(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert all(g in cli.stdout for n in names for g in assign.ASSIGNMENTS[n]["graders"])
-    # the cheap part of the graders (training end to end is left to --verify), and the rest of test_model.py
-    cheap = ("tests/test_model.py", "tests/test_graders.py", "tests/test_train.py::test_lr_schedule")
+    # the cheap part of the graders (training end to end is left to --verify), and the rest of
+    # test_model.py
+    cheap = ("tests/test_model.py", "tests/test_graders.py",
+             "tests/test_train.py::test_lr_schedule")
     graders = {g: n for n in names for g in assign.ASSIGNMENTS[n]["graders"] if g.startswith(cheap)}
     outcomes = assign.run_pytest(out, ["tests/test_model.py", *graders, "-k", "not base"])
     assert len(outcomes) > len(graders)

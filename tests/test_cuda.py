@@ -1,5 +1,5 @@
-"""The CUDA paths, against the CPU: skipped where there is no GPU (`python -m pytest -m cuda` on one).
-tools/gpu_check.sh runs these, bench.py's CUDA rows and short runs of every CUDA path."""
+"""The CUDA paths, against the CPU: skipped where there is no GPU (`python -m pytest -m cuda` on
+one). tools/gpu_check.sh runs these, bench.py's CUDA rows and short runs of every CUDA path."""
 
 import json
 
@@ -87,7 +87,8 @@ def test_train_steps_on_cuda(shapes_root, tmp_path, amp):
     # fused AdamW; GradScaler for fp16
     train.main(["--data-dir", str(shapes_root), "--out", str(tmp_path / "run"), "--batch-size",
                 "32", "--steps", "4", "--device", "cuda", "--amp", amp])
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     torch.manual_seed(0)                                       # the run's initial weights

@@ -47,10 +47,12 @@ def test_tokenizer_compact_vocab_unknown_and_truncation():
     assert tok.bpe_ids == seen and tok.vocab_size == 3 + len(seen)
     compact = {b: 3 + i for i, b in enumerate(seen)}
     ids = enc.encode("a green star")                           # " green" was never seen
-    assert tok.encode(["a green star"]).tolist() == [[compact[ids[0]], UNK, compact[ids[2]], EOT, PAD]]
+    assert (tok.encode(["a green star"]).tolist()
+            == [[compact[ids[0]], UNK, compact[ids[2]], EOT, PAD]])
     long = tok.encode(["a blue circle left of a red star"])[0].tolist()
     assert long == [compact[i] for i in enc.encode("a blue circle left of")[:4]] + [EOT]
-    assert tok.decode_ids([PAD, UNK, EOT, compact[enc.encode(" star")[0]]]) == ["", "<unk>", "<eot>", " star"]
+    assert (tok.decode_ids([PAD, UNK, EOT, compact[enc.encode(" star")[0]]])
+            == ["", "<unk>", "<eot>", " star"])
 
 
 def test_tokenizer_save_restore(tmp_path):
@@ -61,7 +63,8 @@ def test_tokenizer_save_restore(tmp_path):
     texts = ["a star and a circle", "a purple heart"]
     assert back.vocab_size == tok.vocab_size and back.context_length == 12 and back.lowercase
     assert torch.equal(back.encode(texts), tok.encode(texts))
-    old = {k: v for k, v in state.items() if k != "lowercase"}          # a checkpoint from before lower-casing
+    # a checkpoint from before lower-casing
+    old = {k: v for k, v in state.items() if k != "lowercase"}
     assert not Tokenizer.from_state_dict(old).lowercase
 
 
@@ -70,7 +73,8 @@ def test_tokenizer_lowercases_like_clip_and_names_unknown_pieces():
     assert torch.equal(tok.encode(["Airplane"]), tok.encode(["airplane"]))
     assert UNK not in tok.encode(["AN AIRPLANE", "a red star"]).flatten().tolist()
     assert tok.unknown_pieces(["A red STAR", "zebra crossing"]) == sorted(
-        {tok.enc.decode_single_token_bytes(i).decode() for i in tok.enc.encode_ordinary("zebra crossing")})
+        {tok.enc.decode_single_token_bytes(i).decode()
+         for i in tok.enc.encode_ordinary("zebra crossing")})
     cased = Tokenizer.build(["A Red Star"], context_length=8, lowercase=False)
     assert UNK in cased.encode(["a red star"]).flatten().tolist()
 
@@ -94,14 +98,18 @@ def write_coco(root, n_missing=0):
     Image.fromarray(rgb(30, 40)).save(root / "train2017" / "rgb.png")
     Image.fromarray(rgb(40, 30)[..., 0]).save(root / "train2017" / "gray.png")
     Image.fromarray(rgb(20, 24)).convert("CMYK").save(root / "train2017" / "cmyk.jpg")
-    Image.fromarray(rgb(33, 33)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(root / "train2017" / "palette.png")
+    Image.fromarray(rgb(33, 33)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(
+        root / "train2017" / "palette.png")
     Image.fromarray(rgb(16, 50)).save(root / "train2017" / "six.png")
-    names = ["rgb.png", "gray.png", "cmyk.jpg", "palette.png", "six.png"] + [f"gone{i}.png" for i in range(n_missing)]
+    names = (["rgb.png", "gray.png", "cmyk.jpg", "palette.png", "six.png"]
+             + [f"gone{i}.png" for i in range(n_missing)])
     images = [{"id": 10 + i, "file_name": n} for i, n in enumerate(names)]
-    annotations = [{"id": 100 + 10 * i + j, "image_id": 10 + i, "caption": f"image {i} caption {j} \n"}
+    annotations = [{"id": 100 + 10 * i + j, "image_id": 10 + i,
+                    "caption": f"image {i} caption {j} \n"}
                    for i in range(len(names)) for j in range(6 if names[i] == "six.png" else 5)]
     annotations.reverse()  # captions are grouped by image_id, not by their order in the file
-    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    (root / "annotations" / "captions_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations}))
     return [root / "train2017" / n for n in names]
 
 
@@ -152,7 +160,8 @@ def test_coco_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m lib.shapes"):
         data.load_split("shapes", tmp_path / "nowhere", "train", 16)
     write_coco(tmp_path, n_missing=2)
-    with pytest.raises(ValueError, match=r"2 of 7 images are missing(.|\n)*gone0.png(.|\n)*gone1.png"):
+    with pytest.raises(ValueError,
+                       match=r"2 of 7 images are missing(.|\n)*gone0.png(.|\n)*gone1.png"):
         data.load_split("coco", tmp_path, "train", 16)
     ann = tmp_path / "annotations" / "captions_train2017.json"
     ann.write_text('{"images": [')
@@ -172,20 +181,27 @@ def test_coco_errors_name_the_problem(tmp_path):
 
 def test_karpathy_split(tmp_path):
     rng = np.random.default_rng(1)
-    for folder, name in [("val2014", "a.png"), ("val2014", "b.png"), ("val2014", "c.png"), ("train2017", "000000000042.jpg")]:
+    for folder, name in [("val2014", "a.png"), ("val2014", "b.png"), ("val2014", "c.png"),
+                         ("train2017", "000000000042.jpg")]:
         (tmp_path / folder).mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / folder / name)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+            tmp_path / folder / name)
     sentences = lambda tag: [{"raw": f"{tag} {j}", "tokens": []} for j in range(5)]
-    images = [{"split": "train", "filepath": "val2014", "filename": "a.png", "sentences": sentences("a")},
-              {"split": "test", "filepath": "val2014", "filename": "b.png", "sentences": sentences("b")},
-              {"split": "restval", "filepath": "val2014", "filename": "c.png", "sentences": sentences("c")},
-              {"split": "train", "filepath": "train2014", "filename": "COCO_train2014_000000000042.jpg",
+    images = [{"split": "train", "filepath": "val2014", "filename": "a.png",
+               "sentences": sentences("a")},
+              {"split": "test", "filepath": "val2014", "filename": "b.png",
+               "sentences": sentences("b")},
+              {"split": "restval", "filepath": "val2014", "filename": "c.png",
+               "sentences": sentences("c")},
+              {"split": "train", "filepath": "train2014",
+               "filename": "COCO_train2014_000000000042.jpg",
                "cocoid": 42, "sentences": sentences("d")}]  # only present under its COCO 2017 name
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     train = data.load_split("karpathy", tmp_path, "train", 16)
     assert [c[0] for c in train.captions] == ["a 0", "c 0", "d 0"]
     assert train.image_files[2] == str(tmp_path / "train2017" / "000000000042.jpg")
-    np.testing.assert_array_equal(train.images[2], reference(tmp_path / "train2017" / "000000000042.jpg", 16))
+    np.testing.assert_array_equal(train.images[2],
+                                  reference(tmp_path / "train2017" / "000000000042.jpg", 16))
     test = data.load_split("karpathy", tmp_path, "test", 16)
     assert test.captions == [[f"b {j}" for j in range(5)]]
     np.testing.assert_array_equal(test.images[0], reference(tmp_path / "val2014" / "b.png", 16))
@@ -200,9 +216,11 @@ def test_karpathy_split(tmp_path):
 @pytest.fixture
 def toy_set():
     """Image i is filled with the value i and has 1-3 captions naming it."""
-    images = np.arange(10, dtype=np.uint8)[:, None, None, None].repeat(4, 1).repeat(4, 2).repeat(3, 3)
+    images = (np.arange(10, dtype=np.uint8)[:, None, None, None]
+              .repeat(4, 1).repeat(4, 2).repeat(3, 3))
     captions = [[f"image {i} caption {j}" for j in range(1 + i % 3)] for i in range(10)]
-    return CaptionSet(images, captions, [f"{i}.png" for i in range(10)], [{"id": i} for i in range(10)])
+    return CaptionSet(images, captions, [f"{i}.png" for i in range(10)],
+                      [{"id": i} for i in range(10)])
 
 
 def test_loader_batches_are_images_with_their_captions(toy_set):
@@ -212,7 +230,8 @@ def test_loader_batches_are_images_with_their_captions(toy_set):
     assert len(loader) == len(batches) == 2
     seen = []
     for images, tokens in batches:
-        assert images.shape == (4, 3, 4, 4) and images.dtype == torch.uint8 and tokens.dtype == torch.long
+        assert (images.shape == (4, 3, 4, 4) and images.dtype == torch.uint8
+                and tokens.dtype == torch.long)
         for image, row in zip(images, tokens):
             i = int(image[0, 0, 0])
             assert (image == i).all()
@@ -223,14 +242,16 @@ def test_loader_batches_are_images_with_their_captions(toy_set):
         assert (tokens[:, -1] != data.PAD).any()                        # the longest is whole
     assert len(set(seen)) == 8                                          # no image twice in an epoch
     picks = {tuple(t.tolist()) for e in range(20) for _, tokens in loader.epoch(e) for t in tokens}
-    assert len(picks) == sum(len(c) for c in toy_set.captions)            # every caption gets picked
+    # every caption gets picked
+    assert len(picks) == sum(len(c) for c in toy_set.captions)
     assert not torch.equal(batches[0][0], next(loader.epoch(1))[0])
 
 
 def test_loader_ranks_resume_and_workers(toy_set):
     tok = Tokenizer.build([c for caps in toy_set.captions for c in caps], context_length=8)
     full = list(data.TrainLoader(toy_set, tok, batch_size=4, seed=5).epoch(3))
-    ranks = [list(data.TrainLoader(toy_set, tok, 4, seed=5, rank=r, world_size=2).epoch(3)) for r in range(2)]
+    ranks = [list(data.TrainLoader(toy_set, tok, 4, seed=5, rank=r, world_size=2).epoch(3))
+             for r in range(2)]
     for k, (images, tokens) in enumerate(full):
         assert ranks[0][k][0].shape == (2, 3, 4, 4)
         assert torch.equal(torch.cat([ranks[0][k][0], ranks[1][k][0]]), images)
@@ -255,22 +276,27 @@ def test_preprocess_and_augment():
     assert torch.allclose(identity, x, atol=1e-5)
     y = augment.crop(images, u)
     assert y.shape == (6, 3, 16, 16) and y.dtype == torch.float32
-    assert torch.equal(y[2:4], augment.crop(images[2:4], u[2:4]))   # a row's crop depends on its draws only
+    # a row's crop depends on its draws only
+    assert torch.equal(y[2:4], augment.crop(images[2:4], u[2:4]))
     assert not torch.allclose(y[0], y[1])                      # each image gets its own crop
     red, blue = x[0, :, 0, 0], x[0, :, 0, 15]
-    assert torch.allclose(y[:, :, :, 0], red[None, :, None].expand(6, 3, 16), atol=1e-5)    # never flipped
+    # never flipped
+    assert torch.allclose(y[:, :, :, 0], red[None, :, None].expand(6, 3, 16), atol=1e-5)
     assert torch.allclose(y[:, :, :, -1], blue[None, :, None].expand(6, 3, 16), atol=1e-5)
 
 
 def test_mocov2_switches_and_rows():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
-    off = torch.full((4, augment.MOCOV2_DRAWS), 0.9)                    # no jitter, grayscale, blur, flip
+    # no jitter, grayscale, blur, flip
+    off = torch.full((4, augment.MOCOV2_DRAWS), 0.9)
     off[:, :4] = torch.tensor([1.0, 0.5, 0.5, 0.5])                     # the whole image, square
-    torch.testing.assert_close(augment.mocov2(images, off), data.preprocess(images), atol=1e-4, rtol=0)
+    torch.testing.assert_close(augment.mocov2(images, off), data.preprocess(images),
+                               atol=1e-4, rtol=0)
     flip = off.clone()
     flip[:, 4] = 0.1
-    torch.testing.assert_close(augment.mocov2(images, flip), data.preprocess(images).flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(augment.mocov2(images, flip), data.preprocess(images).flip(-1),
+                               atol=1e-4, rtol=0)
     gray = off.clone()
     gray[:, 10] = 0.1
     x = augment.mocov2(images, gray) * torch.tensor(data.CLIP_STD).view(1, 3, 1, 1) + \
@@ -278,9 +304,11 @@ def test_mocov2_switches_and_rows():
     torch.testing.assert_close(x[:, 0], x[:, 1], atol=1e-5, rtol=0)
     blur = off.clone()
     blur[:, 11], blur[:, 12] = 0.1, 1.0                                 # sigma 2: smoother
-    assert augment.mocov2(images, blur).diff(dim=-1).abs().mean() < data.preprocess(images).diff(dim=-1).abs().mean() / 2
+    assert (augment.mocov2(images, blur).diff(dim=-1).abs().mean()
+            < data.preprocess(images).diff(dim=-1).abs().mean() / 2)
     u = torch.rand(4, augment.MOCOV2_DRAWS, generator=g)
-    assert torch.equal(augment.mocov2(images, u)[1:3], augment.mocov2(images[1:3], u[1:3]))  # per-row draws
+    # per-row draws
+    assert torch.equal(augment.mocov2(images, u)[1:3], augment.mocov2(images[1:3], u[1:3]))
 
 
 # -----------------------------------------------------------------------------

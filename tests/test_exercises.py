@@ -18,12 +18,14 @@ from model import CLIP, ModelConfig
 # -----------------------------------------------------------------------------
 # exercise 1: entmax-1.5 (Peters, Niculae & Martins, ACL 2019, "Sparse Sequence-to-Sequence Models")
 
-needs_entmax = pytest.mark.skipif(not hasattr(fdt, "entmax15"), reason="exercise 1: write fdt.entmax15 first")
+needs_entmax = pytest.mark.skipif(not hasattr(fdt, "entmax15"),
+                                  reason="exercise 1: write fdt.entmax15 first")
 
 
 def entmax15_bisection(x, dim=-1, iters=200):
-    """Independent float64 reference: alpha-entmax p = [(alpha - 1) x - tau]_+ ^ (1 / (alpha - 1)) at
-    alpha = 1.5, i.e. p = max(x / 2 - tau, 0)^2, with tau found by bisection so that sum p = 1."""
+    """Independent float64 reference: alpha-entmax p = [(alpha - 1) x - tau]_+ ^ (1 / (alpha - 1))
+    at alpha = 1.5, i.e. p = max(x / 2 - tau, 0)^2, with tau found by bisection so that
+    sum p = 1."""
     z = x.double().movedim(dim, -1) / 2                  # (alpha - 1) x
     hi = z.amax(dim=-1, keepdim=True)                    # sum = 0 < 1
     lo = hi - 1                                          # the max alone contributes 1
@@ -42,7 +44,8 @@ def entmax_inputs():
     cases.append(torch.randint(0, 3, (16, 40), generator=g).float())     # exact ties
     with_inf = torch.randn(8, 30, generator=g)
     with_inf[torch.rand(8, 30, generator=g) < 0.5] = float("-inf")
-    with_inf[:, 0] = torch.randn(8, generator=g)                          # at least one finite entry
+    # at least one finite entry
+    with_inf[:, 0] = torch.randn(8, generator=g)
     cases.append(with_inf)
     return cases
 
@@ -55,7 +58,8 @@ def test_entmax15_matches_bisection_reference(case):
         p = fdt.entmax15(x, dim=dim)
         assert p.shape == x.shape and p.dtype == x.dtype
         scale = x[torch.isfinite(x)].abs().max().clamp(min=1).item()
-        torch.testing.assert_close(p.double(), entmax15_bisection(x, dim), atol=1e-6 * scale, rtol=0)
+        torch.testing.assert_close(p.double(), entmax15_bisection(x, dim), atol=1e-6 * scale,
+                                   rtol=0)
         assert (p >= 0).all() and (p[x == float("-inf")] == 0).all()
 
 
@@ -97,9 +101,10 @@ needs_shared = pytest.mark.skipif("shared_query_map" not in {f.name for f in fie
 
 def shared_model():
     # text narrower than vision: the text features must be projected to the vision width first
-    config = ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=1, vision_heads=2,
-                         vocab_size=30, context_length=8, text_width=48, text_layers=1, text_heads=2,
-                         embed_dim=32, n_fdt=64, shared_query_map=True)
+    config = ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=1,
+                         vision_heads=2, vocab_size=30, context_length=8, text_width=48,
+                         text_layers=1, text_heads=2, embed_dim=32, n_fdt=64,
+                         shared_query_map=True)
     torch.manual_seed(0)
     return CLIP(config)
 
@@ -114,7 +119,8 @@ def test_one_query_map_trained_by_both_towers():
     for encode, inputs in ((model.encode_image, images), (model.encode_text, tokens)):
         model.zero_grad()
         encode(inputs).pow(3).sum().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in maps[0].parameters()), encode.__name__
+        assert all(p.grad is not None and p.grad.abs().sum() > 0
+                   for p in maps[0].parameters()), encode.__name__
 
 
 @needs_shared

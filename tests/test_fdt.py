@@ -1,5 +1,5 @@
-"""sparsemax against an independent float64 reference, the fast sparsemax against the sort-based one,
-the FDT layer's masking, and its max-pooled relevance against plain autograd."""
+"""sparsemax against an independent float64 reference, the fast sparsemax against the sort-based
+one, the FDT layer's masking, and its max-pooled relevance against plain autograd."""
 
 import pytest
 import torch
@@ -49,7 +49,8 @@ def test_sparsemax_matches_bisection_reference_on_every_dim(case):
         assert p.shape == x.shape and p.dtype == x.dtype
         scale = x[torch.isfinite(x)].abs().max().clamp(min=1).item()
         torch.testing.assert_close(p.double(), ref, atol=1e-6 * scale, rtol=0)
-        torch.testing.assert_close(p.sum(dim).double(), torch.ones_like(p.sum(dim)).double(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(p.sum(dim).double(), torch.ones_like(p.sum(dim)).double(),
+                                   atol=1e-5, rtol=0)
         assert (p >= 0).all()
 
 
@@ -142,7 +143,8 @@ def test_negative_relevance_caption_not_captured_by_pads():
     torch.testing.assert_close(w, w_real)
     assert w.max() > 1 / 8 + 0.1                            # the caption's best tokens win
     zero_masked = (fdt.relevance(queries) * real[:, :, None]).amax(1)   # the official 0/1 mask
-    torch.testing.assert_close(sparsemax(zero_masked), torch.full((1, 8), 1 / 8))  # pads decide: uniform
+    # pads decide: uniform
+    torch.testing.assert_close(sparsemax(zero_masked), torch.full((1, 8), 1 / 8))
 
 
 def test_fdt_softmax_mode_is_dense_and_normalised():
@@ -179,26 +181,35 @@ def rows_with_support(n, sizes, generator, spread=1e-3):
 
 
 def fast_path_inputs():
-    """(x, dim) pairs covering the partial top-k, its column narrowing (rows of >= 4096 entries), the
-    fall-back to 4k candidates and to the full sort, ties, -inf and wide supports."""
+    """(x, dim) pairs covering the partial top-k, its column narrowing (rows of >= 4096 entries),
+    the fall-back to 4k candidates and to the full sort, ties, -inf and wide supports."""
     g = torch.Generator().manual_seed(0)
     cases = [(torch.randn(8, 16384, generator=g) * scale, -1) for scale in (1e-4, 1.0, 30.0, 1e4)]
-    cases.append((torch.randn(6, 5000, generator=g), -1))                       # not a multiple of 16
+    # not a multiple of 16
+    cases.append((torch.randn(6, 5000, generator=g), -1))
     cases.append((torch.randn(3, 4096, 2, generator=g) * 3, 1))                   # another dim
-    cases.append((torch.zeros(4, 16384), -1))                                     # all tied: support = row
-    cases.append((torch.randint(0, 3, (16, 4096), generator=g).float(), -1))      # ~1365 tied maxima
-    cases.append((torch.randint(0, 1000, (16, 4096), generator=g).float() / 10, -1))  # a few tied maxima
+    # all tied: support = row
+    cases.append((torch.zeros(4, 16384), -1))
+    # ~1365 tied maxima
+    cases.append((torch.randint(0, 3, (16, 4096), generator=g).float(), -1))
+    # a few tied maxima
+    cases.append((torch.randint(0, 1000, (16, 4096), generator=g).float() / 10, -1))
     with_inf = torch.randn(16, 4096, generator=g)
     with_inf[torch.rand(16, 4096, generator=g) < 0.9] = float("-inf")
-    with_inf[:4, 10:] = float("-inf")                                             # fewer finite entries than k
-    with_inf[:, 0] = torch.randn(16, generator=g)                                 # at least one finite
+    # fewer finite entries than k
+    with_inf[:4, 10:] = float("-inf")
+    # at least one finite
+    with_inf[:, 0] = torch.randn(16, generator=g)
     cases.append((with_inf, -1))
-    sizes = [1, 2, 63, 64, 65, 255, 256, 257, 1000]                               # around k = 64 and 4k = 256
+    # around k = 64 and 4k = 256
+    sizes = [1, 2, 63, 64, 65, 255, 256, 257, 1000]
     for n in (4096, 16384):
         cases.append((rows_with_support(n, sizes, g), -1))
-    cases.append((rows_with_support(300, sizes[:-1], g), -1))                      # rows too short to narrow
+    # rows too short to narrow
+    cases.append((rows_with_support(300, sizes[:-1], g), -1))
     one_column = torch.randn(4, 4096, generator=g)
-    one_column[:, 7::256] += 20                                                   # the 16 largest share a column
+    # the 16 largest share a column
+    one_column[:, 7::256] += 20
     cases.append((one_column, -1))
     for n in (1, 63, 64, 65):
         cases.append((torch.randn(5, n, generator=g), -1))
@@ -298,7 +309,8 @@ def test_max_pooled_relevance_matches_plain_autograd(B, dtype, host_reads):
         ref = plain.pooled_relevance(q, mask)
         torch.testing.assert_close(s, ref, atol=1e-6, rtol=1e-6)
         dense = torch.randn(B, 96, generator=g, dtype=dtype)
-        sparse = dense * (torch.rand(B, 96, generator=g) < 0.1)  # as after sparsemax: most (b, k) get none
+        # as after sparsemax: most (b, k) get none
+        sparse = dense * (torch.rand(B, 96, generator=g) < 0.1)
         for upstream in (dense, sparse, torch.zeros_like(dense)):
             grads = torch.autograd.grad(s, (q, fdt.tokens), upstream, retain_graph=True)
             ref_grads = torch.autograd.grad(ref, (q, plain.tokens), upstream, retain_graph=True)
@@ -311,7 +323,8 @@ def test_max_pooled_relevance_gradcheck_float64(host_reads):
     q = torch.randn(2, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     tokens = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     for mask in (None, random_mask(2, 4, g)):
-        assert torch.autograd.gradcheck(lambda a, b: MaxPooledRelevance.apply(a, b, mask, 0.7), (q, tokens))
+        assert torch.autograd.gradcheck(lambda a, b: MaxPooledRelevance.apply(a, b, mask, 0.7),
+                                        (q, tokens))
 
 
 def test_max_pooled_relevance_keeps_no_relevance_tensor():

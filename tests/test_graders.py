@@ -27,8 +27,8 @@ def small_text_model(head="clip"):
 
 
 def captions(lengths, context_length, vocab_size, seed=0):
-    """Random words in 3..vocab_size-1, the end-of-text id last, pads (0) after it; one row per length
-    (a length equal to context_length leaves no pad)."""
+    """Random words in 3..vocab_size-1, the end-of-text id last, pads (0) after it; one row per
+    length (a length equal to context_length leaves no pad)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, vocab_size, (len(lengths), context_length), generator=g)
     for row, n in enumerate(lengths):
@@ -41,8 +41,10 @@ def test_text_embedding_is_the_projected_end_of_text_feature():
     model = small_text_model()
     tokens = captions([1, 3, 6, 10], 10, 40)
     with torch.no_grad():
-        _, features, _ = model.text(tokens)                               # (B, L, Wt), every position
-        eot = [row.tolist().index(EOT) for row in tokens]                 # found by its id, not by the mask
+        # (B, L, Wt), every position
+        _, features, _ = model.text(tokens)
+        # found by its id, not by the mask
+        eot = [row.tolist().index(EOT) for row in tokens]
         want = F.normalize(model.text_proj(features[torch.arange(len(tokens)), eot]), dim=-1)
         torch.testing.assert_close(model.encode_text(tokens), want)
 
@@ -57,8 +59,10 @@ def test_text_embedding_ignores_pads_and_sees_the_last_word():
         torch.testing.assert_close(model.encode_text(tokens), before)
         last_word = tokens.clone()
         rows = torch.arange(len(tokens))
-        last = (tokens == EOT).int().argmax(dim=1) - 1                    # the word before the end-of-text token
-        last_word[rows, last] = 3 + (tokens[rows, last] - 3 + 1) % 37     # another word id, never EOT or PAD
+        # the word before the end-of-text token
+        last = (tokens == EOT).int().argmax(dim=1) - 1
+        # another word id, never EOT or PAD
+        last_word[rows, last] = 3 + (tokens[rows, last] - 3 + 1) % 37
         moved = (model.encode_text(last_word) - before).norm(dim=-1)
     assert (moved > 1e-3).all()
 
@@ -68,21 +72,25 @@ def test_text_embedding_ignores_pads_and_sees_the_last_word():
 
 
 def info_nce_by_hand(image_emb, text_emb, scale):
-    """float64 loops: each image picks its text among all texts, each text its image among all images."""
+    """float64 loops: each image picks its text among all texts, each text its image among all
+    images."""
     img, txt = image_emb.double().tolist(), text_emb.double().tolist()
     sim = [[scale * sum(a * b for a, b in zip(i, t)) for t in txt] for i in img]
     n = len(sim)
     i2t = sum(math.log(sum(math.exp(s) for s in sim[i])) - sim[i][i] for i in range(n)) / n
-    t2i = sum(math.log(sum(math.exp(sim[j][t]) for j in range(n))) - sim[t][t] for t in range(n)) / n
+    t2i = sum(math.log(sum(math.exp(sim[j][t]) for j in range(n))) - sim[t][t]
+              for t in range(n)) / n
     return i2t, t2i
 
 
 def asymmetric_batch(n=6, d=8):
-    """Embeddings whose image->text and text->image losses differ clearly (a one-sided loss shows)."""
+    """Embeddings whose image->text and text->image losses differ clearly (a one-sided loss
+    shows)."""
     g = torch.Generator().manual_seed(3)
     img = F.normalize(torch.randn(n, d, generator=g), dim=-1)
     txt = F.normalize(torch.randn(n, d, generator=g), dim=-1)
-    txt[1:] = F.normalize(txt[1:] + 2 * txt[0], dim=-1)                  # texts crowd together, images do not
+    # texts crowd together, images do not
+    txt[1:] = F.normalize(txt[1:] + 2 * txt[0], dim=-1)
     return img, txt
 
 
@@ -90,10 +98,12 @@ def test_contrastive_loss_is_the_mean_of_both_directions():
     img, txt = asymmetric_batch()
     log_scale = torch.tensor(math.log(20.0))
     i2t, t2i = info_nce_by_hand(img, txt, 20.0)
-    assert abs(i2t - t2i) > 0.2                                            # the case tells the directions apart
+    # the case tells the directions apart
+    assert abs(i2t - t2i) > 0.2
     got = contrastive_loss(img, txt, log_scale)
     assert got.item() == pytest.approx((i2t + t2i) / 2, rel=1e-5)
-    swapped = contrastive_loss(txt, img, log_scale)                       # symmetric in its two inputs
+    # symmetric in its two inputs
+    swapped = contrastive_loss(txt, img, log_scale)
     assert swapped.item() == pytest.approx(got.item(), rel=1e-5)
 
 
@@ -102,12 +112,14 @@ def test_contrastive_loss_split_over_processes_adds_up():
     log_scale = torch.tensor(math.log(20.0))
     whole = contrastive_loss(img, txt, log_scale)
     # two "processes" of 4 rows each, every one seeing the gathered batch
-    parts = [contrastive_loss(img[r:r + 4], txt[r:r + 4], log_scale, img, txt, offset=r) for r in (0, 4)]
+    parts = [contrastive_loss(img[r:r + 4], txt[r:r + 4], log_scale, img, txt, offset=r)
+             for r in (0, 4)]
     assert (sum(parts) / 2).item() == pytest.approx(whole.item(), rel=1e-5)
 
 
 # -----------------------------------------------------------------------------
-# sparsemax's backward: the explicit Jacobian, on rows with one, several and every entry in the support
+# sparsemax's backward: the explicit Jacobian, on rows with one, several and every entry in the
+# support
 
 
 def support_of(x):
@@ -123,14 +135,19 @@ def test_sparsemax_gradient_is_the_jacobian_product():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 7, 9, generator=g, dtype=torch.float64)
     x[0, 0] = torch.linspace(0, 10, 9, dtype=torch.float64)               # support of one entry
-    x[0, 1] = 0.01 * torch.randn(9, generator=g, dtype=torch.float64)     # every entry in the support
-    x[1, 2, :4] = float("-inf")                                            # -inf entries: outside, gradient 0
-    grad_out = torch.randn(4, 9, 7, generator=g, dtype=torch.float64)     # along dim 1: not the last dim
-    x_t = x.transpose(1, 2).clone().requires_grad_()                      # (4, 9, 7), sparsemax over dim 1
+    # every entry in the support
+    x[0, 1] = 0.01 * torch.randn(9, generator=g, dtype=torch.float64)
+    # -inf entries: outside, gradient 0
+    x[1, 2, :4] = float("-inf")
+    # along dim 1: not the last dim
+    grad_out = torch.randn(4, 9, 7, generator=g, dtype=torch.float64)
+    # (4, 9, 7), sparsemax over dim 1
+    x_t = x.transpose(1, 2).clone().requires_grad_()
     sparsemax(x_t, dim=1).backward(grad_out)
     s = support_of(x)                                                      # (4, 7, 9)
     assert s[0, 0].sum() == 1 and s[0, 1].sum() == 9 and (s[1, 2, :4] == 0).all()
-    g_rows = grad_out.transpose(1, 2)                                      # (4, 7, 9), rows along the last dim
+    # (4, 7, 9), rows along the last dim
+    g_rows = grad_out.transpose(1, 2)
     for b in range(4):
         for t in range(7):
             jac = torch.diag(s[b, t]) - torch.outer(s[b, t], s[b, t]) / s[b, t].sum()
@@ -142,17 +159,21 @@ def test_sparsemax_gradient_is_the_jacobian_product():
 
 
 def test_recall_counts_a_right_answer_at_rank_k_as_a_miss():
-    ranks = [0, 1, 4, 5, 9, 10, 0, 5, 10, 1, 3, 11]                       # wrong candidates above each right one
+    # wrong candidates above each right one
+    ranks = [0, 1, 4, 5, 9, 10, 0, 5, 10, 1, 3, 11]
     n_images = len(ranks)
-    text_to_image = torch.arange(n_images).repeat_interleave(5)            # (60,), 5 captions per image
-    # image -> text: image i's best caption scores 1 (its other four 0.5), ranks[i] others' captions score 2
+    # (60,), 5 captions per image
+    text_to_image = torch.arange(n_images).repeat_interleave(5)
+    # image -> text: image i's best caption scores 1 (its other four 0.5), ranks[i] others' captions
+    # score 2
     sim = torch.zeros(n_images, 5 * n_images)
     for i, r in enumerate(ranks):
         own = (text_to_image == i).nonzero().flatten()
         sim[i, own] = 0.5
         sim[i, own[2]] = 1.0
         sim[i, (text_to_image != i).nonzero().flatten()[:r]] = 2.0
-    m = metrics.retrieval_metrics(torch.eye(n_images), sim.t(), text_to_image)   # image_emb = I: sim as given
+    # image_emb = I: sim as given
+    m = metrics.retrieval_metrics(torch.eye(n_images), sim.t(), text_to_image)
     for k in (1, 5, 10):
         assert m[f"i2t_r{k}"] == pytest.approx(100 * sum(r < k for r in ranks) / n_images), k
     # text -> image: caption t's own image scores 1, ranks[t % 12] other images score 2
@@ -175,9 +196,12 @@ def test_lr_warmup_is_linear_and_reaches_peak_on_its_last_step():
     peak, warmup, total = 2.0, 10, 110
     for step in range(warmup):
         # step 0 already trains (peak / warmup), step warmup - 1 is the first at peak
-        assert train.lr_at(step, total, warmup, peak) == pytest.approx(peak * (step + 1) / warmup), step
-    assert train.lr_at(warmup, total, warmup, peak) == pytest.approx(peak)   # the cosine starts at its top
-    assert train.lr_at(0, 100, 0, peak) == pytest.approx(peak)               # no warm-up: peak at once
+        assert (train.lr_at(step, total, warmup, peak)
+                == pytest.approx(peak * (step + 1) / warmup)), step
+    # the cosine starts at its top
+    assert train.lr_at(warmup, total, warmup, peak) == pytest.approx(peak)
+    # no warm-up: peak at once
+    assert train.lr_at(0, 100, 0, peak) == pytest.approx(peak)
 
 
 def test_lr_cosine_shape_and_zero_at_the_end():
@@ -188,6 +212,7 @@ def test_lr_cosine_shape_and_zero_at_the_end():
         want = peak * 0.5 * (1 + math.cos(math.pi * fraction))          # 0.854, 0.5, 0.146 of peak
         assert train.lr_at(step, total, warmup, peak) == pytest.approx(want), fraction
     assert train.lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
-    assert train.lr_at(total + 7, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)   # stays at 0
+    # stays at 0
+    assert train.lr_at(total + 7, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
     lrs = [train.lr_at(s, total, warmup, peak) for s in range(warmup, total + 1)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))                   # never rises after warm-up

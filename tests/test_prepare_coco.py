@@ -34,7 +34,8 @@ class Server:
             def do_GET(self):
                 body, byte_range = server.files[self.path], self.headers.get("Range")
                 server.requests.append((self.path, byte_range))
-                start = int(byte_range.removeprefix("bytes=").removesuffix("-")) if byte_range else 0
+                start = (int(byte_range.removeprefix("bytes=").removesuffix("-")) if byte_range
+                         else 0)
                 self.send_response(206 if byte_range else 200)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
@@ -48,7 +49,8 @@ class Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -69,12 +71,16 @@ def test_download_resumes_after_interruption(tmp_path):
     files = {"val2017.zip": ("zips/val2017.zip", "md5:" + hashlib.md5(body).hexdigest())}
     try:
         download_coco(tmp_path, files=files, base_url=server.url)
-        assert server.requests == [("/zips/val2017.zip", None), ("/zips/val2017.zip", f"bytes={len(body) // 2}-")]
-        assert (tmp_path / "val2017.zip").read_bytes() == body and not (tmp_path / "val2017.zip.part").exists()
-        assert (tmp_path / "val2017" / "000000000001.jpg").read_bytes() == np.random.default_rng(0).bytes(50_000)
+        assert server.requests == [("/zips/val2017.zip", None),
+                                   ("/zips/val2017.zip", f"bytes={len(body) // 2}-")]
+        assert ((tmp_path / "val2017.zip").read_bytes() == body
+                and not (tmp_path / "val2017.zip.part").exists())
+        assert ((tmp_path / "val2017" / "000000000001.jpg").read_bytes()
+                == np.random.default_rng(0).bytes(50_000))
         assert (tmp_path / "annotations" / "captions_val2017.json").exists()
         download_coco(tmp_path, files=files, base_url=server.url)
-        assert len(server.requests) == 2                                   # a good file is never fetched again
+        # a good file is never fetched again
+        assert len(server.requests) == 2
     finally:
         server.close()
 
@@ -84,7 +90,8 @@ def test_download_gives_up_keeping_the_partial_file(tmp_path):
     server = Server({"/a.zip": body}, cut=["/a.zip"], always_cut=True)
     try:
         with pytest.raises(RuntimeError, match="incomplete.*run again to resume"):
-            download_coco(tmp_path, files={"a.zip": ("a.zip", None)}, base_url=server.url, retries=3)
+            download_coco(tmp_path, files={"a.zip": ("a.zip", None)}, base_url=server.url,
+                          retries=3)
         assert len(server.requests) == 3
         part = (tmp_path / "a.zip.part").read_bytes()
         assert len(body) // 2 < len(part) < len(body) and body.startswith(part)
@@ -97,8 +104,9 @@ def test_download_checksum_mismatch_keeps_file(tmp_path):
     server = Server({"/zips/val2017.zip": body})
     try:
         with pytest.raises(RuntimeError, match="sha256 is .*expected 0000.*val2017.zip.bad"):
-            download_coco(tmp_path, files={"val2017.zip": ("zips/val2017.zip", "sha256:" + "0" * 64)},
-                               base_url=server.url)
+            download_coco(tmp_path,
+                          files={"val2017.zip": ("zips/val2017.zip", "sha256:" + "0" * 64)},
+                          base_url=server.url)
         assert (tmp_path / "val2017.zip.bad").read_bytes() == body
         assert not (tmp_path / "val2017.zip").exists() and not (tmp_path / "val2017").exists()
     finally:

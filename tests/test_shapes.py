@@ -13,11 +13,13 @@ from lib import shapes
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
-    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=400, n_val=40, n_test_per_pair=2)
+    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=400, n_val=40,
+                          n_test_per_pair=2)
 
 
 def tree(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_shapes_deterministic_and_idempotent(tmp_path):
@@ -43,7 +45,8 @@ def read_split(root, split):
 def test_shapes_heldout_pairs_absent_and_scenes_balanced(shapes_root):
     heldout = set(shapes.HELDOUT_PAIRS)
     assert len(heldout) == 8
-    assert {c for c, _ in heldout} == set(shapes.COLOURS) and {s for _, s in heldout} == set(shapes.SHAPES)
+    assert ({c for c, _ in heldout} == set(shapes.COLOURS)
+            and {s for _, s in heldout} == set(shapes.SHAPES))
     colours, kinds = [], []
     for split, n in [("train2017", 400), ("val2017", 40)]:
         images, captions = read_split(shapes_root, split)
@@ -52,7 +55,8 @@ def test_shapes_heldout_pairs_absent_and_scenes_balanced(shapes_root):
             objects = im["objects"]
             assert not {(o["colour"], o["shape"]) for o in objects} & heldout
             assert 1 <= len(objects) <= 3 and len({o["shape"] for o in objects}) == len(objects)
-            for caption in captions[im["id"]]:            # every caption names every colour and shape
+            # every caption names every colour and shape
+            for caption in captions[im["id"]]:
                 assert all(o["shape"] in caption and o["colour"] in caption for o in objects)
                 for c, s in heldout:
                     assert f"{c} {s}" not in caption and f"the {s} is {c}" not in caption
@@ -96,11 +100,13 @@ def test_training_groups_are_a_scene_and_its_edits(shapes_root):
     groups = {}
     for im in images:
         groups.setdefault(im["group"], []).append(im)
-    assert len(groups) == 400 // shapes.GROUP and all(len(g) == shapes.GROUP for g in groups.values())
+    assert (len(groups) == 400 // shapes.GROUP
+            and all(len(g) == shapes.GROUP for g in groups.values()))
     seen = []
     for members in groups.values():
         base = members[0]["objects"]
-        keys = [tuple(sorted((o["colour"], o["shape"], o["row"], o["col"]) for o in m["objects"])) for m in members]
+        keys = [tuple(sorted((o["colour"], o["shape"], o["row"], o["col"]) for o in m["objects"]))
+                for m in members]
         assert len(set(keys)) == shapes.GROUP                        # distinct scenes
         for m in members[1:]:
             edit = edit_between(base, m["objects"])
@@ -110,18 +116,23 @@ def test_training_groups_are_a_scene_and_its_edits(shapes_root):
             if edit != "swap_position":                               # the same places and sizes
                 assert sizes(base) == sizes(m["objects"])
     shares = {e: seen.count(e) / len(seen) for e in shapes.EDITS}
-    assert shares["swap_colour"] > 0.2 and shares["replace_shape"] > 0.2 and shares["swap_position"] > 0.05
+    assert (shares["swap_colour"] > 0.2 and shares["replace_shape"] > 0.2
+            and shares["swap_position"] > 0.05)
 
 
 def test_shapes_captions_describe_the_scene():
-    objects = [{"colour": "red", "shape": "star", "size": "large", "row": 0, "col": 0, "x": 11, "y": 11},
-               {"colour": "blue", "shape": "circle", "size": "small", "row": 0, "col": 2, "x": 53, "y": 11},
-               {"colour": "blue", "shape": "heart", "size": "small", "row": 2, "col": 2, "x": 53, "y": 53}]
+    objects = [{"colour": "red", "shape": "star", "size": "large", "row": 0, "col": 0,
+                "x": 11, "y": 11},
+               {"colour": "blue", "shape": "circle", "size": "small", "row": 0, "col": 2,
+                "x": 53, "y": 11},
+               {"colour": "blue", "shape": "heart", "size": "small", "row": 2, "col": 2,
+                "x": 53, "y": 53}]
     assert shapes.captions(objects) == [
         "a red star, a blue circle and a blue heart",
         "three shapes: a large red star, a small blue circle and a small blue heart",
         "a red star left of a blue circle, which is above a blue heart",
-        "a red star in the top left, a blue circle in the top right and a blue heart in the bottom right",
+        "a red star in the top left, a blue circle in the top right and a blue heart in the "
+        "bottom right",
         "the star is red, the circle is blue and the heart is blue"]
     same = [dict(o, colour="orange") for o in objects[1:]]
     assert shapes.captions(same)[2] == "an orange circle above an orange heart"
@@ -139,9 +150,12 @@ def test_prompts_are_phrased_like_the_captions():
 
 
 def test_negatives_are_minimal_edits():
-    objects = [{"colour": "red", "shape": "star", "size": "large", "row": 0, "col": 0, "x": 11, "y": 11},
-               {"colour": "blue", "shape": "circle", "size": "small", "row": 1, "col": 0, "x": 11, "y": 32},
-               {"colour": "blue", "shape": "heart", "size": "small", "row": 2, "col": 2, "x": 53, "y": 53}]
+    objects = [{"colour": "red", "shape": "star", "size": "large", "row": 0, "col": 0,
+                "x": 11, "y": 11},
+               {"colour": "blue", "shape": "circle", "size": "small", "row": 1, "col": 0,
+                "x": 11, "y": 32},
+               {"colour": "blue", "shape": "heart", "size": "small", "row": 2, "col": 2,
+                "x": 53, "y": 53}]
     true = "a red star, a blue circle and a blue heart"
     for seed in range(20):
         neg = shapes.negatives(objects, np.random.default_rng(seed))
@@ -155,9 +169,11 @@ def test_negatives_are_minimal_edits():
         for kind, absent in (("replace_shape", set(shapes.SHAPES) - {"star", "circle", "heart"}),
                              ("replace_colour", set(shapes.COLOURS) - {"red", "blue"})):
             words = neg[kind][1].replace(",", "").split()
-            new = [w for w in words if w not in plain and w not in ("a", "an")]  # "an orange": the article follows
+            # "an orange": the article follows
+            new = [w for w in words if w not in plain and w not in ("a", "an")]
             assert len(words) == len(plain) and len(new) == 1 and new[0] in absent
-        assert neg["swap_relation"] == ("a red star above a blue circle", "a blue circle above a red star")
+        assert neg["swap_relation"] == ("a red star above a blue circle",
+                                        "a blue circle above a red star")
     one = shapes.negatives(objects[:1], np.random.default_rng(0))
     assert set(one) == {"replace_shape", "replace_colour"}               # nothing to swap
     same = shapes.negatives([dict(o, colour="blue") for o in objects], np.random.default_rng(0))
@@ -174,7 +190,8 @@ def test_loader_keeps_groups_in_one_batch(shapes_root):
         for k, (images, _) in enumerate(loader.epoch(0)):
             # which images: match pixels against the cache (all distinct in this small set)
             idx = [int(np.flatnonzero((cs.images.reshape(len(cs.images), -1) ==
-                                       im.permute(1, 2, 0).reshape(-1).numpy()).all(1))[0]) for im in images]
+                                       im.permute(1, 2, 0).reshape(-1).numpy()).all(1))[0])
+                   for im in images]
             counts = np.bincount(group[idx])
             whole += (counts[counts > 0] == shapes.GROUP).all()
             if k == 3:
@@ -192,7 +209,8 @@ def test_shapes_zeroshot_labels_match_pixels(shapes_root):
     assert zs["heldout"].sum() == 16
     assert all((zs["classes"]["colour"][c], zs["classes"]["shape"][s]) in shapes.HELDOUT_PAIRS
                for c, s in zip(labels["colour"][zs["heldout"]], labels["shape"][zs["heldout"]]))
-    entries = json.loads((shapes_root / "annotations" / "captions_zeroshot.json").read_text())["images"]
+    entries = json.loads(
+        (shapes_root / "annotations" / "captions_zeroshot.json").read_text())["images"]
     for image, entry in zip(images, entries):
         o = entry["objects"][0]
         if o["shape"] != "ring":                                  # a ring's centre is background

@@ -1,4 +1,5 @@
-"""The results table in results/README.md is exactly what study.py makes of the committed results."""
+"""The results table in results/README.md is exactly what study.py makes of the committed
+results."""
 
 import json
 from pathlib import Path
@@ -28,14 +29,17 @@ def record(name, seed, rsum, wall):
 
 
 def test_table_shows_mean_and_sample_std_over_seeds():
-    results = {"runs": [record("CLIP", 0, 100.0, 10), record("CLIP", 1, 110.0, 20), record("CLIP", 2, 120.0, 30),
+    results = {"runs": [record("CLIP", 0, 100.0, 10), record("CLIP", 1, 110.0, 20),
+                        record("CLIP", 2, 120.0, 30),
                         record("FDT softmax T=1", 0, 50.0, 7)]}
     lines = study.table(results).splitlines()
-    assert len(lines) == 5                                     # header, rule, chance, two rows in RUNS order
+    # header, rule, chance, two rows in RUNS order
+    assert len(lines) == 5
     clip = [c.strip() for c in lines[3].strip("|").split("|")]
     keys = [k for k, _, _ in study.COLUMNS]
     assert clip[:2] == ["CLIP", "3"]
-    assert clip[2 + keys.index("rsum")] == "110.0 ± 10.0"     # seeds 0, 1, 2: mean 110, sample std 10
+    # seeds 0, 1, 2: mean 110, sample std 10
+    assert clip[2 + keys.index("rsum")] == "110.0 ± 10.0"
     assert clip[2 + keys.index("zs_shape")] == "1.0 ± 1.0"
     assert clip[-1] == "20.0 ± 10.0"                          # wall time
     softmax = [c.strip() for c in lines[4].strip("|").split("|")]
@@ -55,6 +59,7 @@ def test_difference_row_is_fdt_minus_clip_with_its_standard_error():
 
 def test_update_readme_replaces_only_between_markers():
     text = f"intro\n{study.README_BEGIN}\nold table\n{study.README_END}\noutro\n"
-    assert study.update_readme(text, "NEW") == f"intro\n{study.README_BEGIN}\nNEW\n{study.README_END}\noutro\n"
+    assert (study.update_readme(text, "NEW")
+            == f"intro\n{study.README_BEGIN}\nNEW\n{study.README_END}\noutro\n")
     with pytest.raises(SystemExit, match="marker"):
         study.update_readme("no markers here", "NEW")

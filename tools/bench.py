@@ -8,12 +8,14 @@ ratio a / b is the median over the rounds of a's time over b's in the same round
     python -m tools.bench --flops      # parameters and training FLOPs per pair of every preset
 
 Rows:
-    sparsemax    fdt_fast.sparsemax (partial top-k, exact) vs fdt.sparsemax (full sort), and vs the `entmax`
-                 package's sparsemax (full sort, and partial sort with k=64) when it is installed; then on
-                 pooled relevances with as many active tokens as at T = 30 and T = 1000 (on CUDA
-                 fdt_fast sorts, and the top-k row says what the partial top-k would cost there)
+    sparsemax    fdt_fast.sparsemax (partial top-k, exact) vs fdt.sparsemax (full sort), and vs the
+                 `entmax` package's sparsemax (full sort, and partial sort with k=64) when it is
+                 installed; then on pooled relevances with as many active tokens as at T = 30 and
+                 T = 1000 (on CUDA fdt_fast sorts, and the top-k row says what the partial top-k
+                 would cost there)
     train step   CLIP+FDT vs the CLIP baseline at the tiny preset: time and peak memory; then the
-                 fast FDT layer (fdt_fast.FDT) vs the plain one (fdt.FDT: autograd through (B, T, n_fdt))
+                 fast FDT layer (fdt_fast.FDT) vs the plain one (fdt.FDT: autograd through
+                 (B, T, n_fdt))
     open_clip    our CLIP baseline vs open_clip's CLIP built at the same size, when installed
     data         samples/s from the prepared cache vs decoding every item (bench_loading, which
                  measures the two one after the other)
@@ -55,7 +57,8 @@ from lib import fdt_fast  # noqa: E402
 from model import CLIP, PRESETS, contrastive_loss  # noqa: E402
 
 # dense bf16 tensor-core peak in TFLOP/s (vendors' data sheets), by GPU name, for the MFU;
-# first match wins, so a name that contains another comes first (H100 PCIe, A100, L40S before H100, A10, L4)
+# first match wins, so a name that contains another comes first
+# (H100 PCIe, A100, L40S before H100, A10, L4)
 SHAPES_ROOT = "data/shapes"
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0,
                     "L4": 121.0, "A10": 125.0}
@@ -71,7 +74,8 @@ def machine(device):
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    line = (f"{cpu}, {os.cpu_count()} cores | torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    line = (f"{cpu}, {os.cpu_count()} cores | torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     if device.type == "cuda":
         line += f" | {torch.cuda.get_device_name(device)}"
@@ -112,7 +116,8 @@ def paired_ratio(times, a, b):
 
 def _storage_bytes(tensors):
     """Bytes of the distinct storages behind tensors."""
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors}.values())
 
 
 def peak_memory(f, device, live):
@@ -164,11 +169,13 @@ def bench_sparsemax(device, reps, shape=(256, 16384)):
         fns["entmax k=64"] = functools.partial(entmax.sparsemax, dim=-1, k=64)
     except ImportError:
         pass
-    t = run_in_turns({name: functools.partial(forward_backward, fn) for name, fn in fns.items()}, device, reps)
+    t = run_in_turns({name: functools.partial(forward_backward, fn) for name, fn in fns.items()},
+                     device, reps)
     name = f"sparsemax fwd+bwd {tuple(shape)} fp32"
     targets = {"full sort": "<= 0.10", "entmax k=64": "<= 1.00"}
-    rows = [row(name, "ours", other, median_ms(t, "ours"), median_ms(t, other), "ms", paired_ratio(t, "ours", other),
-                targets.get(other, "")) for other in fns if other != "ours"]
+    rows = [row(name, "ours", other, median_ms(t, "ours"), median_ms(t, other), "ms",
+                paired_ratio(t, "ours", other), targets.get(other, ""))
+            for other in fns if other != "ours"]
     if "entmax" not in fns:
         rows.append(skipped(name, "entmax not installed: skipped"))
     return rows + bench_sparsemax_fdt(device, reps, shape)
@@ -193,8 +200,10 @@ def bench_sparsemax_fdt(device, reps, shape):
 
         fns = {"ours": fdt_fast.sparsemax, "full sort": fdt.sparsemax}
         if device.type == "cuda":
-            fns["top-k"] = functools.partial(fdt.apply_sparsemax, dim=-1, threshold=fdt_fast._threshold_topk)
-        t = run_in_turns({name: functools.partial(forward_backward, fn) for name, fn in fns.items()}, device, reps)
+            fns["top-k"] = functools.partial(fdt.apply_sparsemax, dim=-1,
+                                             threshold=fdt_fast._threshold_topk)
+        t = run_in_turns({name: functools.partial(forward_backward, fn)
+                          for name, fn in fns.items()}, device, reps)
         active = (fdt.sparsemax(x) > 0).sum(-1).float().mean().item()
         name = f"sparsemax {tuple(shape)}, {label}"
         rows += [row(name, a, "full sort", median_ms(t, a), median_ms(t, "full sort"), "ms",
@@ -210,7 +219,8 @@ def random_batch(config, batch_size, device, seed=0):
     """Random images and captions of random lengths (pads after the end-of-text token)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, config.image_size, config.image_size, generator=g)
-    tokens = torch.randint(data.N_SPECIAL, config.vocab_size, (batch_size, config.context_length), generator=g)
+    tokens = torch.randint(data.N_SPECIAL, config.vocab_size, (batch_size, config.context_length),
+                           generator=g)
     lengths = torch.randint(2, config.context_length + 1, (batch_size,), generator=g)
     tokens[torch.arange(config.context_length) >= lengths[:, None]] = data.PAD
     tokens[torch.arange(batch_size), lengths - 1] = data.EOT
@@ -230,7 +240,8 @@ class TrainStep:
     encode(model, images, tokens) -> (image_emb, text_emb)."""
 
     def __init__(self, model, encode, images, tokens, amp):
-        self.model, self.encode, self.images, self.tokens, self.amp = model, encode, images, tokens, amp
+        self.model, self.encode, self.images, self.tokens, self.amp = (
+            model, encode, images, tokens, amp)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-8,
                                            weight_decay=0.1)
 
@@ -263,7 +274,8 @@ def compare_steps(steps, device, reps):
 def bench_train_step(device, reps, batch_size):
     config = PRESETS["tiny"]
     images, tokens = random_batch(config, batch_size, device)
-    fast, clip, plain = (build(replace(config, head=head), device) for head in ("fdt", "clip", "fdt"))
+    fast, clip, plain = (build(replace(config, head=head), device)
+                         for head in ("fdt", "clip", "fdt"))
     # the same model with the plain FDT layer of fdt.py: autograd through the relevances, full sort
     c = plain.config
     plain.fdt = fdt.FDT(c.n_fdt, c.embed_dim, c.fdt_temperature, c.fdt_activation).to(device)
@@ -273,8 +285,8 @@ def bench_train_step(device, reps, batch_size):
     t, mem = compare_steps(steps, device, reps)
     name = f"train step, tiny, batch {batch_size}"
     return [
-        row(name, "CLIP+FDT", "CLIP", median_ms(t, "fdt"), median_ms(t, "clip"), "ms", paired_ratio(t, "fdt", "clip"),
-            "<= 1.25"),
+        row(name, "CLIP+FDT", "CLIP", median_ms(t, "fdt"), median_ms(t, "clip"), "ms",
+            paired_ratio(t, "fdt", "clip"), "<= 1.25"),
         row(name, "CLIP+FDT", "CLIP", mem["fdt"] / 2**20, mem["clip"] / 2**20, "MiB",
             mem["fdt"] / mem["clip"], "<= 1.30"),
         row(name, "fdt_fast.FDT", "fdt.FDT", median_ms(t, "fdt"), median_ms(t, "plain"), "ms",
@@ -292,7 +304,8 @@ def open_clip_model(config):
                                      head_width=config.vision_width // config.vision_heads,
                                      patch_size=config.patch_size, image_size=config.image_size)
     text = open_clip.CLIPTextCfg(context_length=config.context_length, vocab_size=config.vocab_size,
-                                 width=config.text_width, heads=config.text_heads, layers=config.text_layers)
+                                 width=config.text_width, heads=config.text_heads,
+                                 layers=config.text_layers)
     return open_clip.CLIP(config.embed_dim, vision, text)
 
 
@@ -310,7 +323,8 @@ def bench_open_clip(device, reps, batch_size):
     t, mem = compare_steps(steps, device, reps)
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (ours, theirs))
     return [row(name, "ours", "open_clip", median_ms(t, "ours"), median_ms(t, "open_clip"), "ms",
-                paired_ratio(t, "ours", "open_clip"), "<= 1.00", f"parameters {n_ours:.2f}M vs {n_theirs:.2f}M"),
+                paired_ratio(t, "ours", "open_clip"), "<= 1.00",
+                f"parameters {n_ours:.2f}M vs {n_theirs:.2f}M"),
             row(name, "ours", "open_clip", mem["ours"] / 2**20, mem["open_clip"] / 2**20, "MiB",
                 mem["ours"] / mem["open_clip"])]
 
@@ -321,14 +335,16 @@ def bench_open_clip(device, reps, batch_size):
 class _PILDataset(torch.utils.data.Dataset):
     """The usual pipeline: open, decode, resize and tokenise each item when it is asked for."""
 
-    def __init__(self, files: list[str], captions: list[list[str]], tokenizer: data.Tokenizer, size: int):
+    def __init__(self, files: list[str], captions: list[list[str]], tokenizer: data.Tokenizer,
+                 size: int):
         self.files, self.captions, self.tokenizer, self.size = files, captions, tokenizer, size
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        image = torch.from_numpy(data._decode(Path(self.files[i]), self.size)).permute(2, 0, 1)  # (3, S, S)
+        # (3, S, S)
+        image = torch.from_numpy(data._decode(Path(self.files[i]), self.size)).permute(2, 0, 1)
         return image, self.tokenizer.encode([self.captions[i][0]])[0]
 
 
@@ -341,13 +357,15 @@ def _samples_per_s(batches, seconds: float) -> float:
 
 
 def bench_loading(root, split="val",
-                  sizes: tuple[int, ...] = (64, 224), batch_size: int = 256, seconds: float = 3.0) -> list[dict]:
+                  sizes: tuple[int, ...] = (64, 224), batch_size: int = 256,
+                  seconds: float = 3.0) -> list[dict]:
     """Samples/s of TrainLoader (from the cache) and of a PIL-per-item Dataset + DataLoader with one
     worker per core, on the same images: one row per image size."""
     rows = []
     for size in sizes:
         cs = data.load_split("shapes", root, split, size)
-        tokenizer = data.Tokenizer.build([c for caps in cs.captions for c in caps], context_length=32)
+        tokenizer = data.Tokenizer.build([c for caps in cs.captions for c in caps],
+                                         context_length=32)
         loader = data.TrainLoader(cs, tokenizer, batch_size, seed=0)
         cached = (batch for e in count() for batch in loader.epoch(e))
         dataset = _PILDataset(cs.image_files, cs.captions, tokenizer, size)
@@ -355,17 +373,20 @@ def bench_loading(root, split="val",
                                          num_workers=os.cpu_count(), persistent_workers=True)
         pil = (batch for _ in count() for batch in dl)
         rows.append({"image_size": size, "cache_samples_per_s": _samples_per_s(cached, seconds),
-                     "pil_samples_per_s": _samples_per_s(pil, seconds), "pil_workers": os.cpu_count()})
+                     "pil_samples_per_s": _samples_per_s(pil, seconds),
+                     "pil_workers": os.cpu_count()})
     return rows
 
 
 def bench_data(quick, root=SHAPES_ROOT):
     name = "data loading, shapes val"
     if quick and not shapes.ready(root):
-        return [skipped(name, f"no shapes dataset in {root} (python -m lib.shapes): skipped with --quick")]
+        return [skipped(name, f"no shapes dataset in {root} (python -m lib.shapes): "
+                              "skipped with --quick")]
     shapes.prepare(root)
     rows = bench_loading(root, sizes=(64,), seconds=1.0) if quick else bench_loading(root)
-    return [row(f"{name}, {r['image_size']} px", "prepared cache", f"decode per item ({r['pil_workers']} workers)",
+    return [row(f"{name}, {r['image_size']} px", "prepared cache",
+                f"decode per item ({r['pil_workers']} workers)",
                 r["cache_samples_per_s"], r["pil_samples_per_s"], "samples/s",
                 r["cache_samples_per_s"] / r["pil_samples_per_s"]) for r in rows]
 
@@ -376,7 +397,8 @@ def bench_data(quick, root=SHAPES_ROOT):
 def bench_base_cuda(device, reps, batch_size):
     config = PRESETS["base"]
     images, tokens = random_batch(config, batch_size, device)
-    steps = {head: TrainStep(build(replace(config, head=head), device), encode_ours, images, tokens, amp=True)
+    steps = {head: TrainStep(build(replace(config, head=head), device), encode_ours, images, tokens,
+                             amp=True)
              for head in ("fdt", "clip")}
     flops = {}
     for head, step in steps.items():
@@ -388,8 +410,9 @@ def bench_base_cuda(device, reps, batch_size):
     peak = next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in gpu), None)
     seconds = {head: median_ms(t, head) / 1e3 for head in steps}
     mfu = {head: f"{flops[head] / seconds[head] / peak:.1%}" if peak else "n/a" for head in steps}
-    note = (f"samples/s {batch_size / seconds['fdt']:,.0f} vs {batch_size / seconds['clip']:,.0f}; MFU {mfu['fdt']} "
-            f"vs {mfu['clip']} ({flops['fdt'] / 1e12:.2f} vs {flops['clip'] / 1e12:.2f} TFLOP/step counted by "
+    note = (f"samples/s {batch_size / seconds['fdt']:,.0f} vs {batch_size / seconds['clip']:,.0f}; "
+            f"MFU {mfu['fdt']} vs {mfu['clip']} "
+            f"({flops['fdt'] / 1e12:.2f} vs {flops['clip'] / 1e12:.2f} TFLOP/step counted by "
             f"FlopCounterMode, peak {peak / 1e12 if peak else 'unknown'} TFLOP/s bf16)")
     name = f"train step, base, bf16, batch {batch_size}"
     return [row(name, "CLIP+FDT", "CLIP", median_ms(t, "fdt"), median_ms(t, "clip"), "ms",
@@ -403,13 +426,15 @@ def bench_base_cuda(device, reps, batch_size):
 
 def print_table(rows, header):
     print(header)
-    print(f"{'benchmark':<38} {'a':<16} {'b':<30} {'a':>10} {'b':>10} {'unit':<9} {'a / b':>6} {'target':>8}  note")
+    print(f"{'benchmark':<38} {'a':<16} {'b':<30} {'a':>10} {'b':>10} {'unit':<9} {'a / b':>6} "
+          f"{'target':>8}  note")
     for r in rows:
         if r["ratio"] is None:
             print(f"{r['name']:<38} {r['note']}")
         else:
-            print(f"{r['name']:<38} {r['a']:<16} {r['b']:<30} {r['a_value']:>10,.1f} {r['b_value']:>10,.1f} "
-                  f"{r['unit']:<9} {r['ratio']:>6.2f} {r['target']:>8}  {r['note']}")
+            print(f"{r['name']:<38} {r['a']:<16} {r['b']:<30} {r['a_value']:>10,.1f} "
+                  f"{r['b_value']:>10,.1f} {r['unit']:<9} {r['ratio']:>6.2f} {r['target']:>8}  "
+                  f"{r['note']}")
 
 
 # -----------------------------------------------------------------------------
@@ -427,7 +452,8 @@ def count_flops():
                 image_emb, text_emb, _, _, _ = model(images, tokens)
                 contrastive_loss(image_emb, text_emb, model.logit_scale).backward()
             params = sum(p.numel() for p in model.parameters())
-            rows.append((name, "CLIP+FDT" if head == "fdt" else "CLIP", params, counter.get_total_flops() / 2))
+            rows.append((name, "CLIP+FDT" if head == "fdt" else "CLIP", params,
+                         counter.get_total_flops() / 2))
     print(f"{'preset':8}{'model':10}{'parameters':>12}{'GFLOP / pair':>14}")
     for name, model, params, flops in rows:
         print(f"{name:8}{model:10}{params / 1e6:>11.1f}M{flops / 1e9:>14.2f}")
@@ -437,9 +463,12 @@ def count_flops():
 def main(argv=None):
     parser = argparse.ArgumentParser(description="side-by-side speed and memory measurements")
     parser.add_argument("--quick", action="store_true",
-                        help="2 repetitions, smaller batches and sparsemax input: the whole run in under a minute")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--flops", action="store_true", help="only count the training FLOPs of every preset")
+                        help="2 repetitions, smaller batches and sparsemax input: the whole run in "
+                             "under a minute")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--flops", action="store_true",
+                        help="only count the training FLOPs of every preset")
     args = parser.parse_args(argv)
     if args.flops:
         return count_flops()

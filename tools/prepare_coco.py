@@ -1,6 +1,8 @@
-"""Download COCO 2017 (train2017, val2017 and the caption annotations) into the layout data.py reads.
+"""Download COCO 2017 (train2017, val2017 and the caption annotations) into the layout data.py
+reads.
 
-    python -m tools.prepare_coco data/coco        # 19 GB of zips; resumable, verified, extracted in place
+    # 19 GB of zips; resumable, verified, extracted in place
+    python -m tools.prepare_coco data/coco
 
 Resumable HTTP Range downloads with a progress bar, size and md5 checks; a bad file is kept as
 `*.bad` for inspection. Finished zips are kept and never fetched again. Karpathy's split needs
@@ -21,9 +23,11 @@ from tqdm import tqdm
 
 COCO_URL = "http://images.cocodataset.org/"
 # file name -> (path under the base URL, "algorithm:hexdigest" or None for a size check only).
-# md5 sums as published with the dataset lists of PaddleDetection (ppdet/utils/download.py) and others
+# md5 sums as published with the dataset lists of PaddleDetection (ppdet/utils/download.py) and
+# others
 COCO_FILES = {
-    "annotations_trainval2017.zip": ("annotations/annotations_trainval2017.zip", "md5:f4bbac642086de4f52a3fdda2de5fa2c"),
+    "annotations_trainval2017.zip": ("annotations/annotations_trainval2017.zip",
+                                     "md5:f4bbac642086de4f52a3fdda2de5fa2c"),
     "val2017.zip": ("zips/val2017.zip", "md5:442b8da7639aecaf257c1dceb8ba8c80"),
     "train2017.zip": ("zips/train2017.zip", "md5:cced6f7f71b7629ddf16f17bbcfab6b2"),
 }
@@ -41,9 +45,10 @@ def _fetch(url: str, target: Path, checksum: str | None, retries: int):
             break
         request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
         try:
-            with urllib.request.urlopen(request, timeout=60) as r, \
-                    tqdm(total=total, initial=done if r.status == 206 else 0, unit="B", unit_scale=True,
-                         desc=target.name) as bar, open(part, "ab" if r.status == 206 else "wb") as f:
+            with (urllib.request.urlopen(request, timeout=60) as r,
+                  tqdm(total=total, initial=done if r.status == 206 else 0, unit="B",
+                       unit_scale=True, desc=target.name) as bar,
+                  open(part, "ab" if r.status == 206 else "wb") as f):
                 while chunk := r.read(1 << 20):  # a dropped connection ends the loop early: resume
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -70,7 +75,8 @@ def _fetch(url: str, target: Path, checksum: str | None, retries: int):
     os.replace(part, target)
 
 
-def download_coco(dest: str | Path, files: dict = COCO_FILES, base_url: str = COCO_URL, retries: int = 5) -> Path:
+def download_coco(dest: str | Path, files: dict = COCO_FILES, base_url: str = COCO_URL,
+                  retries: int = 5) -> Path:
     """Downloads and extracts COCO 2017 (images and caption annotations) into dest, giving the
     layout load_split("coco", dest, ...) reads. Finished zips are kept and never fetched again."""
     dest = Path(dest)
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     try:
         root = download_coco(args.dest)
-    except (OSError, http.client.HTTPException, RuntimeError, zipfile.BadZipFile) as e:  # no network, a bad file
+    # no network, a bad file
+    except (OSError, http.client.HTTPException, RuntimeError, zipfile.BadZipFile) as e:
         raise SystemExit(f"error: the COCO download into {args.dest} stopped: {e}") from None
     print(f"COCO 2017 ready in {root}")
 
