@@ -1,26 +1,30 @@
 """Evaluation: what a checkpoint learned, and what its FDT tokens stand for.
 
     retrieval   image -> text and text -> image recall@1/5/10 and rsum under the COCO 5k protocol
-                (5 captions per image; an image -> text hit counts if any of its captions is in the top k)
+                (5 captions per image; an image -> text hit counts if any of its captions is in the
+                top k)
     zero-shot   prompt-ensemble classification (Radford et al. 2021, Section 3.1.4): the shapes test
-                sets (by shape, colour, (colour, shape) pair, held-out pairs), CIFAR-10/100, ImageFolder
+                sets (by shape, colour, (colour, shape) pair, held-out pairs), CIFAR-10/100,
+                ImageFolder
     probe       shapes: linear probes of shape and colour on the frozen image embedding (CLIP's
                 linear-probe evaluation, Radford et al. 2021, Section 3.2)
     binding     shapes: does an image score its caption above the same caption with two colours
                 swapped, a shape replaced, a relation reversed ...? (chance 50 %)
     sugarcrepe  the same question on COCO val2017 images (SugarCrepe's 7 categories)
-    inspect     figures of the FDT at work (Chen et al., CVPR 2023): which tokens an image and a caption
-                activate, which patches and words ground them, which tokens a matched pair shares, and
-                for shapes the concept-by-token matrix: do the same tokens fire for "red" in images and
-                in captions?
+    inspect     figures of the FDT at work (Chen et al., CVPR 2023): which tokens an image and a
+                caption activate, which patches and words ground them, which tokens a matched pair
+                shares, and for shapes the concept-by-token matrix: do the same tokens fire for
+                "red" in images and in captions?
 
     python eval.py retrieval --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py zeroshot --ckpt runs/shapes-fdt-tiny/ckpt.pt --dataset shapes
     python eval.py binding --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py probe --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py sugarcrepe --ckpt CKPT --sugarcrepe-dir sugar-crepe/data --coco-dir data/coco
-    python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val --classnames names.txt
-    python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red circle"]
+    python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val
+        --classnames names.txt
+    python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE]
+        [--text "a red circle"]
 
 train.py calls `evaluate` every --eval-every epochs and at the end. This file gathers the data sets
 and their captions; the embeddings and the numbers made from them are lib/metrics.py's.
@@ -38,9 +42,9 @@ from lib import benchmarks
 import data
 from lib import figures
 from lib import shapes
-from lib.metrics import (TEMPLATES, active_tokens, as_image_tensor, binding_accuracy, embed_images, embed_texts,
-                         heldout_accuracy, linear_probe, marginal_probs, retrieval_metrics,
-                         topk_accuracy, zeroshot_accuracy, zeroshot_classifier)
+from lib.metrics import (TEMPLATES, active_tokens, as_image_tensor, binding_accuracy, embed_images,
+                         embed_texts, heldout_accuracy, linear_probe, marginal_probs,
+                         retrieval_metrics, topk_accuracy, zeroshot_accuracy, zeroshot_classifier)
 from model import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -75,13 +79,15 @@ def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, im
 
 def shapes_prompt_embeddings(model, tokenizer, device, return_weights=False):
     """Every pair's shapes.prompts embedded: (8 colours, 8 shapes, P prompts, D)
-    [and FDT weights (8, 8, P, n_fdt)], colours and shapes in shapes.COLOURS / shapes.SHAPES order."""
+    [and FDT weights (8, 8, P, n_fdt)], colours and shapes in shapes.COLOURS / shapes.SHAPES
+    order."""
     pairs = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
     texts = [p for c, s in pairs for p in shapes.prompts(c, s)]
     emb, weights = embed_texts(model, tokenizer, texts, device, return_weights=True)
     C, S, P = len(shapes.COLOURS), len(shapes.SHAPES), len(texts) // len(pairs)
     emb = emb.view(C, S, P, -1)                                               # (C, S, P, D)
-    return (emb, weights.view(C, S, P, -1)) if return_weights else emb        # weights (C, S, P, n_fdt)
+    # weights (C, S, P, n_fdt)
+    return (emb, weights.view(C, S, P, -1)) if return_weights else emb
 
 
 def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1,)):
@@ -99,13 +105,15 @@ def evaluate_shapes_zeroshot(model, tokenizer, root, image_size, device, topk=(1
     scale = model.logit_scale.exp().clamp(max=100)
     scores = {"shape": marginal_probs(image_emb, pair, scale, dim=0),         # (N, 8)
               "colour": marginal_probs(image_emb, pair, scale, dim=1),        # (N, 8)
-              "pair": image_emb @ pair.flatten(0, 1).t()}                     # (N, 64), colour * 8 + shape
+              # (N, 64), colour * 8 + shape
+              "pair": image_emb @ pair.flatten(0, 1).t()}
     metrics = {}
     for task, score in scores.items():
         for k, acc in topk_accuracy(score, zs["labels"][task], topk).items():
             metrics[f"zs_{task}" + ("" if k == "top1" else f"_{k}")] = acc
     held = zs["heldout"].to(device)
-    metrics["zs_heldout"] = heldout_accuracy(image_emb[held], pair, zs["labels"]["colour"].to(device)[held],
+    metrics["zs_heldout"] = heldout_accuracy(image_emb[held], pair,
+                                             zs["labels"]["colour"].to(device)[held],
                                              zs["labels"]["shape"].to(device)[held])
     return metrics
 
@@ -140,10 +148,12 @@ def binding_tests(caption_set, seed=0):
     image entry, the edit drawn from an RNG per (seed, image): the same test every time."""
     tests = {kind: ([], [], []) for kind in shapes.NEGATIVE_KINDS}
     for i, entry in enumerate(caption_set.entries):
-        for kind, (true, false) in shapes.negatives(entry["objects"], np.random.default_rng([seed, i])).items():
+        for kind, (true, false) in shapes.negatives(entry["objects"],
+                                                    np.random.default_rng([seed, i])).items():
             for column, value in zip(tests[kind], (i, true, false)):
                 column.append(value)
-    return {kind: (torch.tensor(idx, dtype=torch.long), true, false) for kind, (idx, true, false) in tests.items() if idx}
+    return {kind: (torch.tensor(idx, dtype=torch.long), true, false)
+            for kind, (idx, true, false) in tests.items() if idx}
 
 
 def evaluate_binding(model, tokenizer, caption_set, device, image_emb=None):
@@ -153,14 +163,17 @@ def evaluate_binding(model, tokenizer, caption_set, device, image_emb=None):
     if image_emb is None:
         image_emb = embed_images(model, caption_set.images, device)
     tests = binding_tests(caption_set)
-    texts = sorted({t for _, true, false in tests.values() for t in true + false})  # the true captions repeat across kinds
+    # the true captions repeat across kinds
+    texts = sorted({t for _, true, false in tests.values() for t in true + false})
     row = {t: i for i, t in enumerate(texts)}
-    text_emb = embed_texts(model, tokenizer, texts, device)                 # (n_texts, D), each text once
+    # (n_texts, D), each text once
+    text_emb = embed_texts(model, tokenizer, texts, device)
     metrics = {}
     for kind, (idx, true, false) in tests.items():
         true_emb = text_emb[[row[t] for t in true]]
         false_emb = text_emb[[row[t] for t in false]]
-        metrics[f"bind_{kind}"] = binding_accuracy(image_emb[idx.to(image_emb.device)], true_emb, false_emb)
+        metrics[f"bind_{kind}"] = binding_accuracy(image_emb[idx.to(image_emb.device)], true_emb,
+                                                   false_emb)
     return metrics
 
 
@@ -172,7 +185,8 @@ def evaluate_sugarcrepe(model, tokenizer, items, image_dir, cache, device):
     negative caption (chance 50 %), and their mean over the categories ("mean")."""
     files = sorted({f for rows in items.values() for f, _, _ in rows})
     index = {f: i for i, f in enumerate(files)}
-    images = data.cached_images([Path(image_dir) / f for f in files], Path(cache), model.config.image_size)
+    images = data.cached_images([Path(image_dir) / f for f in files], Path(cache),
+                                model.config.image_size)
     image_emb = embed_images(model, images, device)                          # (N_images, D)
     metrics = {}
     for category, rows in items.items():
@@ -184,7 +198,8 @@ def evaluate_sugarcrepe(model, tokenizer, items, image_dir, cache, device):
     return metrics
 
 
-def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, batch_size=256, workers=0):
+def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, batch_size=256,
+                              workers=0):
     """Top-1 and top-5 of the TEMPLATES ensemble on a dataset of (uint8 image, label)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
     embs, labels = [], []
@@ -206,7 +221,8 @@ def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, bat
 # evaluation during training
 
 
-EVAL_SPLIT = {"shapes": "val", "coco": "val", "karpathy": "test"}  # the paper's COCO 5k test is Karpathy's
+# the paper's COCO 5k test is Karpathy's
+EVAL_SPLIT = {"shapes": "val", "coco": "val", "karpathy": "test"}
 
 
 def evaluate(model, tokenizer, source, root, device):
@@ -236,14 +252,18 @@ def concept_profiles(model, tokenizer, root, device):
     diagonal: the paper's claim is that the same tokens stand for a concept in both modalities."""
     zs = shapes.load_zeroshot(root, model.config.image_size)
     _, wi = embed_images(model, zs["images"], device, return_weights=True)   # (N, n_fdt)
-    _, wt = shapes_prompt_embeddings(model, tokenizer, device, return_weights=True)  # (8, 8, P, n_fdt)
+    # (8, 8, P, n_fdt)
+    _, wt = shapes_prompt_embeddings(model, tokenizer, device, return_weights=True)
     colour, shape = zs["labels"]["colour"].to(device), zs["labels"]["shape"].to(device)
+    # (16, n_fdt)
     image_rows = torch.stack([wi[colour == c].mean(dim=0) for c in range(len(shapes.COLOURS))]
-                             + [wi[shape == s].mean(dim=0) for s in range(len(shapes.SHAPES))])  # (16, n_fdt)
+                             + [wi[shape == s].mean(dim=0) for s in range(len(shapes.SHAPES))])
     text_rows = torch.cat([wt.mean(dim=(1, 2)), wt.mean(dim=(0, 2))])       # (16, n_fdt)
-    cosine = F.normalize(image_rows, dim=1) @ F.normalize(text_rows, dim=1).t()  # (16, 16) image x caption
+    # (16, 16) image x caption
+    cosine = F.normalize(image_rows, dim=1) @ F.normalize(text_rows, dim=1).t()
     off_diagonal = ~torch.eye(len(cosine), dtype=torch.bool, device=device)
-    return {"concepts": shapes.COLOURS + shapes.SHAPES, "image": image_rows, "text": text_rows, "cosine": cosine,
+    return {"concepts": shapes.COLOURS + shapes.SHAPES, "image": image_rows, "text": text_rows,
+            "cosine": cosine,
             "same_concept_cosine": cosine.diagonal().mean().item(),
             "other_concept_cosine": cosine[off_diagonal].mean().item()}
 
@@ -267,9 +287,11 @@ def data_source(ckpt, source=None, root=None):
     source = source or trained.get("source")
     root = root or (trained.get("root") if source == trained.get("source") else None)
     if source is None:
-        raise SystemExit("the checkpoint does not say which data it was trained on: pass --data and --data-dir")
+        raise SystemExit("the checkpoint does not say which data it was trained on: "
+                         "pass --data and --data-dir")
     if root is None:
-        raise SystemExit(f"the checkpoint was trained on {trained.get('source')}, not {source}: pass --data-dir")
+        raise SystemExit(f"the checkpoint was trained on {trained.get('source')}, not {source}: "
+                         "pass --data-dir")
     return source, Path(root)
 
 
@@ -281,16 +303,19 @@ def refuse_overlap(ckpt, source, root, split, allow):
     if allow or "shapes" in (source, trained.get("source")):
         return
     try:
-        overlap = data.image_ids(source, root, split) & data.image_ids(trained["source"], trained["root"], "train")
+        overlap = (data.image_ids(source, root, split)
+                   & data.image_ids(trained["source"], trained["root"], "train"))
     except (KeyError, OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot check that {source} {split} is disjoint from the checkpoint's training "
-                         f"split ({type(e).__name__}: {e}); pass --allow-overlap to evaluate anyway") from None
+        raise SystemExit(f"error: cannot check that {source} {split} is disjoint from the "
+                         f"checkpoint's training split ({type(e).__name__}: {e}); "
+                         "pass --allow-overlap to evaluate anyway") from None
     if overlap:
-        raise SystemExit(f"error: {len(overlap)} images of {source} {split} are in the checkpoint's training split "
-                         f"({trained['source']} train in {trained['root']}), e.g. COCO ids {sorted(overlap)[:3]}: "
-                         "the results would be inflated. Evaluate on a disjoint split (a --data karpathy "
-                         "checkpoint on --data karpathy --split test, a --data coco one on --data coco), or "
-                         "pass --allow-overlap")
+        raise SystemExit(f"error: {len(overlap)} images of {source} {split} are in the "
+                         f"checkpoint's training split ({trained['source']} train in "
+                         f"{trained['root']}), e.g. COCO ids {sorted(overlap)[:3]}: the results "
+                         "would be inflated. Evaluate on a disjoint split (a --data karpathy "
+                         "checkpoint on --data karpathy --split test, a --data coco one on "
+                         "--data coco), or pass --allow-overlap")
 
 
 def write_json(path, record):
@@ -320,7 +345,8 @@ def run_retrieval(args):
     active = "".join(f" | {k} {m[k]:.1f}" for k in ("active_image", "active_text") if k in m)
     print(f"{'rsum':>13} {m['rsum']:6.1f}{active}")
     write_json(Path(args.ckpt).parent / f"retrieval_{args.split}.json",
-               {"checkpoint": str(args.ckpt), "data": source, "root": str(root), "split": args.split, **m})
+               {"checkpoint": str(args.ckpt), "data": source, "root": str(root),
+                "split": args.split, **m})
 
 
 def run_zeroshot(args):
@@ -330,17 +356,21 @@ def run_zeroshot(args):
         _, root = data_source(ckpt, "shapes", args.data_dir)
         with data.clear_errors():
             m = evaluate_shapes_zeroshot(model, tokenizer, root, size, args.device, topk=(1, 5))
-        rows = {task: (m[f"zs_{task}"], m[f"zs_{task}_top5"]) for task in ("shape", "colour", "pair")}
+        rows = {task: (m[f"zs_{task}"], m[f"zs_{task}_top5"])
+                for task in ("shape", "colour", "pair")}
         rows["heldout (vs other shapes)"] = (m["zs_heldout"], None)
     else:
         if args.dataset == "imagefolder" and not args.data_dir:
-            raise SystemExit("--dataset imagefolder needs --data-dir: the folder with one sub-folder per class")
+            raise SystemExit("--dataset imagefolder needs --data-dir: "
+                             "the folder with one sub-folder per class")
         root = Path(args.data_dir or f"data/{args.dataset}")
         with data.clear_errors():  # e.g. no --classnames file, an unreadable image
-            dataset, classnames = benchmarks.zeroshot_dataset(args.dataset, root, size, args.classnames)
+            dataset, classnames = benchmarks.zeroshot_dataset(args.dataset, root, size,
+                                                              args.classnames)
             acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device,
                                             workers=args.workers)
-        rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)": (acc["top1"], acc["top5"])}
+        rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)":
+                (acc["top1"], acc["top5"])}
         m = {"zs_top1": acc["top1"], "zs_top5": acc["top5"], "classes": classnames}
     print(f"{'':>26} {'top-1':>6} {'top-5':>6}")
     for name, (top1, top5) in rows.items():
@@ -360,11 +390,13 @@ def run_binding(args):
         caption_set = data.load_split(source, root, "val", model.config.image_size)
     m = evaluate_binding(model, tokenizer, caption_set, args.device)
     tests = binding_tests(caption_set)
-    print(f"binding on {len(caption_set.images)} shapes val images: true caption vs a minimal edit (chance 50 %)")
+    print(f"binding on {len(caption_set.images)} shapes val images: "
+          "true caption vs a minimal edit (chance 50 %)")
     for kind in tests:
         print(f"{kind:>15} {m[f'bind_{kind}']:6.1f}  ({len(tests[kind][0])} images; e.g. "
               f"\"{tests[kind][1][0]}\" vs \"{tests[kind][2][0]}\")")
-    write_json(Path(args.ckpt).parent / "binding.json", {"checkpoint": str(args.ckpt), "root": str(root), **m})
+    write_json(Path(args.ckpt).parent / "binding.json",
+               {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
 def run_probe(args):
@@ -379,7 +411,8 @@ def run_probe(args):
           "on the single objects of the zero-shot split (chance 12.5 %)")
     for task in ("shape", "colour"):
         print(f"{task:>8} {m[f'probe_{task}']:6.1f}")
-    write_json(Path(args.ckpt).parent / "probe.json", {"checkpoint": str(args.ckpt), "root": str(root), **m})
+    write_json(Path(args.ckpt).parent / "probe.json",
+               {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
 def run_sugarcrepe(args):
@@ -389,7 +422,8 @@ def run_sugarcrepe(args):
     with data.clear_errors():
         items = benchmarks.read_sugarcrepe(args.sugarcrepe_dir)
         m = evaluate_sugarcrepe(model, tokenizer, items, coco / "val2017",
-                                coco / "cache" / f"sugarcrepe_{model.config.image_size}", args.device)
+                                coco / "cache" / f"sugarcrepe_{model.config.image_size}",
+                                args.device)
     print("SugarCrepe: image scores the caption above the negative (chance 50 %)")
     for category in benchmarks.SUGARCREPE + ["mean"]:
         n = f" ({len(items[category])} items)" if category in items else ""
@@ -400,8 +434,9 @@ def run_sugarcrepe(args):
 def run_inspect(args):
     ckpt, model, tokenizer = load(args)
     if model.config.head != "fdt":
-        raise SystemExit(f"{args.ckpt} is a CLIP baseline (projection head): it has no FDT tokens to "
-                         "inspect; train one with `python train.py --model fdt`")
+        raise SystemExit(f"{args.ckpt} is a CLIP baseline (projection head): "
+                         "it has no FDT tokens to inspect; "
+                         "train one with `python train.py --model fdt`")
     out = Path(args.out or Path(args.ckpt).parent / "inspect")
     size = model.config.image_size
     examples = []  # (file name prefix, uint8 image (3, S, S) or None, caption or None)
@@ -420,22 +455,27 @@ def run_inspect(args):
         with data.clear_errors():
             caption_set = data.load_split(source, root, "val", size)
         for i in range(min(args.examples, len(caption_set.images))):
-            examples.append((f"val{i}_", as_image_tensor(caption_set.images[i:i + 1])[0], caption_set.captions[i][0]))
+            examples.append((f"val{i}_", as_image_tensor(caption_set.images[i:i + 1])[0],
+                             caption_set.captions[i][0]))
         concepts_root = root if source == "shapes" else None
     written = []
     for prefix, image, caption in examples:
         if image is not None:
-            written.append(figures.plot_image_tokens(model, image, out / f"{prefix}image_tokens.png"))
+            written.append(figures.plot_image_tokens(model, image,
+                                                     out / f"{prefix}image_tokens.png"))
         if caption is not None:
-            written.append(figures.plot_text_tokens(model, tokenizer, caption, out / f"{prefix}text_tokens.png"))
+            written.append(figures.plot_text_tokens(model, tokenizer, caption,
+                                                    out / f"{prefix}text_tokens.png"))
         if image is not None and caption is not None:
-            written.append(figures.plot_shared_tokens(model, tokenizer, image, caption, out / f"{prefix}pair_tokens.png"))
+            written.append(figures.plot_shared_tokens(model, tokenizer, image, caption,
+                                                      out / f"{prefix}pair_tokens.png"))
     if concepts_root is not None:
         with data.clear_errors():
             result = concept_profiles(model, tokenizer, concepts_root, args.device)
         figures.plot_concept_tokens(result, out / "concept_tokens.png")
         written.append(out / "concept_tokens.png")
-        print(f"image vs caption FDT weight profiles, cosine: same concept {result['same_concept_cosine']:.2f}, "
+        print("image vs caption FDT weight profiles, cosine: "
+              f"same concept {result['same_concept_cosine']:.2f}, "
               f"different concepts {result['other_concept_cosine']:.2f}")
     print("wrote " + ", ".join(str(p) for p in written))
 
@@ -453,32 +493,46 @@ def main(argv: list[str] | None = None):
         return p
 
     p = command("retrieval", run_retrieval, "COCO-protocol image-text retrieval")
-    p.add_argument("--data", choices=["shapes", "coco", "karpathy"], default=None, help="default: the checkpoint's")
+    p.add_argument("--data", choices=["shapes", "coco", "karpathy"], default=None,
+                   help="default: the checkpoint's")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--allow-overlap", action="store_true",
-                   help="evaluate even on images the checkpoint was trained on (the results are then inflated)")
+                   help="evaluate even on images the checkpoint was trained on "
+                        "(the results are then inflated)")
     p = command("zeroshot", run_zeroshot, "prompt-ensemble zero-shot classification")
-    p.add_argument("--dataset", choices=["shapes", "cifar10", "cifar100", "imagefolder"], required=True)
+    p.add_argument("--dataset", choices=["shapes", "cifar10", "cifar100", "imagefolder"],
+                   required=True)
     p.add_argument("--data-dir", default=None,
-                   help="shapes: default the checkpoint's; cifar: default data/<dataset>; imagefolder: required")
-    p.add_argument("--classnames", default=None, help="imagefolder: one class name per line, sorted-folder order")
+                   help="shapes: default the checkpoint's; cifar: default data/<dataset>; "
+                        "imagefolder: required")
+    p.add_argument("--classnames", default=None,
+                   help="imagefolder: one class name per line, sorted-folder order")
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
-    p = command("binding", run_binding, "shapes: true captions vs swapped / replaced / reversed ones")
+    p = command("binding", run_binding,
+                "shapes: true captions vs swapped / replaced / reversed ones")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
-    p = command("probe", run_probe, "shapes: linear probes of shape and colour on the frozen image features")
+    p = command("probe", run_probe,
+                "shapes: linear probes of shape and colour on the frozen image features")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
-    p.add_argument("--n-train", type=int, default=4000, help="training images the probes are fitted on")
-    p = command("sugarcrepe", run_sugarcrepe, "SugarCrepe compositional benchmark on COCO val2017 images")
-    p.add_argument("--sugarcrepe-dir", required=True, help="folder with add_att.json ... swap_obj.json")
+    p.add_argument("--n-train", type=int, default=4000,
+                   help="training images the probes are fitted on")
+    p = command("sugarcrepe", run_sugarcrepe,
+                "SugarCrepe compositional benchmark on COCO val2017 images")
+    p.add_argument("--sugarcrepe-dir", required=True,
+                   help="folder with add_att.json ... swap_obj.json")
     p.add_argument("--coco-dir", required=True, help="COCO 2017 root (with val2017/)")
-    p.add_argument("--allow-overlap", action="store_true", help="evaluate a checkpoint trained on val2017 images anyway")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate a checkpoint trained on val2017 images anyway")
     p = command("inspect", run_inspect, "figures of the FDT tokens an image and a caption activate")
     p.add_argument("--image", default=None, help="an image file")
     p.add_argument("--text", default=None, help="a caption")
-    p.add_argument("--data-dir", default=None, help="validation examples from here (default: the checkpoint's data)")
-    p.add_argument("--examples", type=int, default=3, help="validation examples without --image / --text")
-    p.add_argument("--out", default=None, help="figure folder (default: inspect/ next to the checkpoint)")
+    p.add_argument("--data-dir", default=None,
+                   help="validation examples from here (default: the checkpoint's data)")
+    p.add_argument("--examples", type=int, default=3,
+                   help="validation examples without --image / --text")
+    p.add_argument("--out", default=None,
+                   help="figure folder (default: inspect/ next to the checkpoint)")
     args = parser.parse_args(argv)
     commands[args.command](args)
 

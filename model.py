@@ -38,7 +38,8 @@ class ModelConfig:
     vision_width: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
-    stem: str = "patch"           # "patch": one patch_size-stride conv (ViT); "conv": a stack of 3x3 stride-2 convs
+    # "patch": one patch_size-stride conv (ViT); "conv": a stack of 3x3 stride-2 convs
+    stem: str = "patch"
     stem_norm: bool = False       # BatchNorm after each 3x3 conv of the conv stem (see conv_stem)
     # text tower
     vocab_size: int = 512         # set from the tokenizer's compact vocabulary before training
@@ -49,10 +50,13 @@ class ModelConfig:
     # head
     head: str = "fdt"             # "fdt" (CLIP+FDT) or "clip" (the baseline: a projection)
     embed_dim: int = 128          # the joint space; also the FDT token dimension (d_fdt)
-    n_fdt: int = 1024             # official: 16384 (the base preset); 1024 keeps the tiny model fast on CPU
-    fdt_temperature: float = 1000.0  # official; T = 30 keeps ~50 tokens active, and T = 1 one: nothing trains
+    # official: 16384 (the base preset); 1024 keeps the tiny model fast on CPU
+    n_fdt: int = 1024
+    # official; T = 30 keeps ~50 tokens active, and T = 1 one: nothing trains
+    fdt_temperature: float = 1000.0
     fdt_activation: str = "sparsemax"  # "softmax" is the paper's ablation
-    fast_fdt: bool = True         # lib/fdt_fast.py's exact, faster kernels; False trains fdt.py as written
+    # lib/fdt_fast.py's exact, faster kernels; False trains fdt.py as written
+    fast_fdt: bool = True
     word_head: bool = False       # a linear map from the image embedding to the caption's words
     logit_scale_init: float = 1 / 0.07  # CLIP's initial inverse temperature (learned from there)
 
@@ -92,12 +96,14 @@ class Block(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln_1(x)).split(C, dim=2)                 # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, C/h)
+        # (B, h, T, C/h)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
         # causal attention is also padding-aware here: pads sit after the last real token, so no
         # real token ever attends to one (pad outputs are garbage and are masked out downstream)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, h, T, C/h)
@@ -147,7 +153,8 @@ def conv_stem(patch_size, width, norm=False):
     n = patch_size.bit_length() - 1
     if patch_size != 2 ** n or n < 1:
         raise ValueError(f"the conv stem needs a power-of-two patch_size, got {patch_size}")
-    channels = [3] + [max(width >> (n - 1 - i), 16) for i in range(n)]  # e.g. 3, 32, 64, 128 for width 128, p = 8
+    # e.g. 3, 32, 64, 128 for width 128, p = 8
+    channels = [3] + [max(width >> (n - 1 - i), 16) for i in range(n)]
     layers = []
     for c_in, c_out in zip(channels, channels[1:]):
         layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=not norm)]
@@ -156,15 +163,18 @@ def conv_stem(patch_size, width, norm=False):
 
 
 class VisionTransformer(nn.Module):
-    """Patch embedding (a patchify conv or a conv stem), a CLS token, learned positions, pre-LN transformer."""
+    """Patch embedding (a patchify conv or a conv stem), a CLS token, learned positions, pre-LN
+    transformer."""
 
     def __init__(self, image_size, patch_size, width, layers, heads, stem="patch", stem_norm=False):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+            raise ValueError(f"image_size {image_size} is not a multiple of "
+                             f"patch_size {patch_size}")
         n_patches = (image_size // patch_size) ** 2
         if stem == "patch":
-            self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+            self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size,
+                                         bias=False)
         elif stem == "conv":
             self.patch_embed = conv_stem(patch_size, width, stem_norm)
         else:
@@ -202,7 +212,8 @@ class TextTransformer(nn.Module):
         x = self.token_embed(tokens) + self.pos[:L]           # (B, L, Wt)
         x = self.ln_final(self.transformer(x))
         mask = tokens != 0                                    # the end-of-text token counts as real
-        eot = mask.sum(dim=1) - 1                             # (B,) position of the end-of-text token
+        # (B,) position of the end-of-text token
+        eot = mask.sum(dim=1) - 1
         return x[torch.arange(B, device=x.device), eot], x, mask
 
 
@@ -218,7 +229,8 @@ class CLIP(nn.Module):
         c = config
         self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
                                         c.vision_heads, c.stem, c.stem_norm)
-        self.text = TextTransformer(c.vocab_size, c.context_length, c.text_width, c.text_layers, c.text_heads)
+        self.text = TextTransformer(c.vocab_size, c.context_length, c.text_width, c.text_layers,
+                                    c.text_heads)
         if c.head == "fdt":
             self.image_query = fdt.QueryMap(c.vision_width, c.embed_dim)
             self.text_query = fdt.QueryMap(c.text_width, c.embed_dim)
@@ -230,14 +242,16 @@ class CLIP(nn.Module):
             self.image_proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
             self.text_proj = nn.Linear(c.text_width, c.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(c.logit_scale_init)))
-        if c.word_head:  # SuperClass (Huang et al., NeurIPS 2024): the image names its caption's words
+        # SuperClass (Huang et al., NeurIPS 2024): the image names its caption's words
+        if c.word_head:
             self.word_head = nn.Linear(c.embed_dim, c.vocab_size)
         self._init_weights()
 
     def _init_weights(self):
         """CLIP's initialisation (openai/CLIP, clip/model.py: initialize_parameters)."""
-        for tower, width, layers in ((self.visual, self.config.vision_width, self.config.vision_layers),
-                                     (self.text, self.config.text_width, self.config.text_layers)):
+        for tower, width, layers in (
+                (self.visual, self.config.vision_width, self.config.vision_layers),
+                (self.text, self.config.text_width, self.config.text_layers)):
             attn_std = width ** -0.5
             proj_std = width ** -0.5 * (2 * layers) ** -0.5   # residual branches scaled by depth
             fc_std = (2 * width) ** -0.5
@@ -276,7 +290,8 @@ class CLIP(nn.Module):
         return (emb, weights) if return_weights else emb
 
     def image_relevance(self, images):
-        """Per-patch relevance to every FDT token (B, N, n_fdt): which patches ground which token."""
+        """Per-patch relevance to every FDT token (B, N, n_fdt): which patches ground which
+        token."""
         _, patches = self.visual(images)
         return self.fdt.relevance(self.image_query(patches))
 
@@ -295,7 +310,8 @@ class CLIP(nn.Module):
         return image_emb, text_emb, image_weights, text_weights, word_logits
 
 
-def contrastive_loss(image_emb, text_emb, logit_scale, all_image_emb=None, all_text_emb=None, offset=0):
+def contrastive_loss(image_emb, text_emb, logit_scale, all_image_emb=None, all_text_emb=None,
+                     offset=0):
     """Symmetric InfoNCE: image i matches text i. Embeddings (B, D) L2-normalised; logit_scale is
     the log of the inverse temperature (learned).
 
@@ -306,7 +322,8 @@ def contrastive_loss(image_emb, text_emb, logit_scale, all_image_emb=None, all_t
     """
     all_image_emb = image_emb if all_image_emb is None else all_image_emb
     all_text_emb = text_emb if all_text_emb is None else all_text_emb
-    scale = logit_scale.exp().clamp(max=100)   # CLIP's cap (and the official FDT code's) on the inverse temperature
+    # CLIP's cap (and the official FDT code's) on the inverse temperature
+    scale = logit_scale.exp().clamp(max=100)
     logits_i2t = scale * image_emb.float() @ all_text_emb.float().t()   # (b, N)
     logits_t2i = scale * text_emb.float() @ all_image_emb.float().t()   # (b, N)
     labels = offset + torch.arange(image_emb.shape[0], device=image_emb.device)
@@ -356,13 +373,14 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"{path} is not a readable FDT-CLIP checkpoint "
                          f"({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an FDT-CLIP checkpoint (no format tag {CHECKPOINT_FORMAT!r})")
+        raise ValueError(f"{path} is not an FDT-CLIP checkpoint "
+                         f"(no format tag {CHECKPOINT_FORMAT!r})")
     missing = [key for key in ("model", "model_config", "tokenizer") if key not in ckpt]
     if missing:
         raise ValueError(f"{path} is an incomplete FDT-CLIP checkpoint: no {', '.join(missing)}")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint format version {ckpt['version']}, newer than this code "
-                         f"reads ({CHECKPOINT_VERSION}); update the code")
+        raise ValueError(f"{path} has checkpoint format version {ckpt['version']}, "
+                         f"newer than this code reads ({CHECKPOINT_VERSION}); update the code")
     return ckpt
 
 
@@ -373,7 +391,8 @@ def save_checkpoint(path, model, tokenizer, data_source, **train_state):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                    "model": model.state_dict(),
                     "model_config": asdict(model.config), "tokenizer": tokenizer.state_dict(),
                     "data": data_source, **train_state}, f)
         f.flush()

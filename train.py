@@ -34,7 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
-import eval as evaluation  # evaluate() after each epoch: read it as a black box here, in eval.py / metrics.py next
+# evaluate() after each epoch: read it as a black box here, in eval.py / metrics.py next
+import eval as evaluation
 from lib import augment, figures, shapes
 from lib.metrics import active_tokens
 from model import (CLIP, PRESETS, contrastive_loss, load_checkpoint, load_weights, save_checkpoint,
@@ -148,8 +149,9 @@ def parse_args(argv):
     add("--overwrite", action="store_true",
         help="start afresh in an --out that holds a checkpoint, replacing it")
     add("--extend", action="store_true",
-        help="with --resume: allow a longer (or shorter) run than the checkpoint's; the schedule is "
-             "recomputed for the new length, so the result differs from a run of that length")
+        help="with --resume: allow a longer (or shorter) run than the checkpoint's; "
+             "the schedule is recomputed for the new length, so the result differs from a run of "
+             "that length")
     add("--device", help="cpu, cuda, cuda:1 ...")
     add("--workers", type=number(int, 0), help="data loader read-ahead threads")
     add("--eval-every", type=number(int, 1), help="checkpoint and evaluate every N epochs")
@@ -180,7 +182,8 @@ def parse_args(argv):
 # the pieces of the loop: pure functions
 
 def lr_at(step, total, warmup, peak, start=0.0):
-    """Linear warm-up from `start` to `peak` over `warmup` steps, then cosine decay to 0 at `total`."""
+    """Linear warm-up from `start` to `peak` over `warmup` steps, then cosine decay to 0 at
+    `total`."""
     if step < warmup:
         return start + (peak - start) * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -197,13 +200,15 @@ def param_groups(model, weight_decay):
 
 def global_contrastive_loss(image_emb, text_emb, logit_scale, rank, world_size):
     """This process's share of the contrastive loss over the global batch: its b rows against all
-    world * b rows, gathered with gradients (open_clip's gather_with_grad + local_loss). DDP's mean of
-    the processes' gradients is then exactly the 1-process gradient of the global batch."""
+    world * b rows, gathered with gradients (open_clip's gather_with_grad + local_loss). DDP's mean
+    of the processes' gradients is then exactly the 1-process gradient of the global batch."""
     if world_size == 1:
         return contrastive_loss(image_emb, text_emb, logit_scale)
-    all_image = torch.cat(dist_nn.all_gather(image_emb))       # (world * b, D), in global batch order
+    # (world * b, D), in global batch order
+    all_image = torch.cat(dist_nn.all_gather(image_emb))
     all_text = torch.cat(dist_nn.all_gather(text_emb))
-    return contrastive_loss(image_emb, text_emb, logit_scale, all_image, all_text, offset=rank * image_emb.shape[0])
+    return contrastive_loss(image_emb, text_emb, logit_scale, all_image, all_text,
+                            offset=rank * image_emb.shape[0])
 
 
 def model_input(images, args, step, local):
@@ -215,7 +220,8 @@ def model_input(images, args, step, local):
     g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
     if args.augment == "crop":
         return augment.crop(images, torch.rand(args.batch_size, 4, generator=g)[local])
-    return augment.mocov2(images, torch.rand(args.batch_size, augment.MOCOV2_DRAWS, generator=g)[local])
+    return augment.mocov2(images,
+                          torch.rand(args.batch_size, augment.MOCOV2_DRAWS, generator=g)[local])
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +286,8 @@ def setup_processes(args):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(hours=1))
     if args.batch_size % world_size:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by {world_size} processes")
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by "
+                         f"{world_size} processes")
     return device, rank, world_size
 
 
@@ -298,7 +305,8 @@ def locked_run_folder(out):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"error: another training run is using {out} (it holds {out / 'lock'}); "
+            raise SystemExit(f"error: another training run is using {out} "
+                             f"(it holds {out / 'lock'}); "
                              "wait for it to finish, or pass another --out") from None
         yield
 
@@ -326,9 +334,11 @@ def data_fingerprint(cs, root):
 def run_settings(args, config):
     """Every setting that changes the result and needs no data: a resumed run must have the same
     ones (and the same total_steps and train_data, added once the data is read)."""
-    return {"model": asdict(config), "data": args.data, "data_dir": str(Path(args.data_dir).resolve()),
+    return {"model": asdict(config), "data": args.data,
+            "data_dir": str(Path(args.data_dir).resolve()),
             "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
-            "warmup_from": args.warmup_from, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+            "warmup_from": args.warmup_from, "weight_decay": args.weight_decay,
+            "grad_clip": args.grad_clip,
             "logit_scale_min": args.logit_scale_min, "logit_scale_max": args.logit_scale_max,
             "freeze_patch_embed": args.freeze_patch_embed, "amp": args.amp, "augment": args.augment,
             "batching": args.batching, "word_loss": args.word_loss}
@@ -356,8 +366,8 @@ def check_resumable(ckpt, settings, extend):
         raise SystemExit("error: cannot resume: the checkpoint was trained with other settings:\n  "
                          + "\n  ".join(diffs))
     if settings.get("total_steps", math.inf) < ckpt["step"]:
-        raise SystemExit(f"error: the checkpoint is at step {ckpt['step']}, past the {settings['total_steps']} "
-                         "steps asked for")
+        raise SystemExit(f"error: the checkpoint is at step {ckpt['step']}, "
+                         f"past the {settings['total_steps']} steps asked for")
 
 
 def read_history(out, step):
@@ -467,13 +477,15 @@ def run(args, device, rank, world_size):
     if args.compile:
         model = torch.compile(model)
     if world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint():
         """The weights, optimiser and everything needed to resume, then the history up to here."""
         nonlocal saved
-        save_checkpoint(ckpt_path, raw_model, tokenizer, {"source": args.data, "root": str(root)}, step=step,
-                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), settings=settings)
+        save_checkpoint(ckpt_path, raw_model, tokenizer, {"source": args.data, "root": str(root)},
+                        step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        settings=settings)
         write_history(out, history)
         saved = step
 
@@ -489,9 +501,10 @@ def run(args, device, rank, world_size):
                 "run again with the same flags and --resume to continue"))
             raise SystemExit(128 + interrupted[0]) from None
         except Exception as e:
-            raise SystemExit(f"error: the evaluation at step {step} failed ({type(e).__name__}: {e}); "
-                             f"the checkpoint {ckpt_path} is saved: fix the cause and run again with "
-                             "--resume") from None
+            raise SystemExit(f"error: the evaluation at step {step} failed "
+                             f"({type(e).__name__}: {e}); "
+                             f"the checkpoint {ckpt_path} is saved: fix the cause and run again "
+                             "with --resume") from None
         raw_model.train()
         history.append({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **metrics})
         write_history(out, history)
@@ -501,8 +514,9 @@ def run(args, device, rank, world_size):
         (out / "config.json").write_text(json.dumps({"args": vars(args), "model": asdict(config),
                                                      "world_size": world_size}, indent=2))
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{args.model} | preset {args.preset} | {n_params / 1e6:.2f}M parameters | {device} x {world_size} "
-              f"| amp {amp} | {len(train_set.images)} images | {steps_per_epoch} steps/epoch | {total_steps} steps")
+        print(f"{args.model} | preset {args.preset} | {n_params / 1e6:.2f}M parameters "
+              f"| {device} x {world_size} | amp {amp} | {len(train_set.images)} images "
+              f"| {steps_per_epoch} steps/epoch | {total_steps} steps")
         if args.warmup > total_steps:
             last_lr = lr_at(total_steps - 1, total_steps, args.warmup, args.lr, args.warmup_from)
             print(f"warning: the run ends inside its warm-up (--warmup {args.warmup}, "
@@ -534,7 +548,8 @@ def run(args, device, rank, world_size):
         return int(flag.item())
 
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    last_eval = next((h for h in reversed(history) if h["kind"] == "eval" and h["step"] == step), {})
+    last_eval = next((h for h in reversed(history) if h["kind"] == "eval" and h["step"] == step),
+                     {})
     last_eval = {k: v for k, v in last_eval.items() if k not in ("kind", "step", "epoch")}
     losses = []  # (step, loss on the device) since the last check
 
@@ -568,14 +583,16 @@ def run(args, device, rank, world_size):
             tokens = tokens.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 image_emb, text_emb, image_w, text_w, word_logits = model(images, tokens)
-            loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank, world_size)
+            loss = global_contrastive_loss(image_emb, text_emb, raw_model.logit_scale, rank,
+                                           world_size)
             if word_logits is not None:
                 loss = loss + args.word_loss * word_loss(word_logits, tokens)
             losses.append((step, loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                       args.grad_clip or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():
@@ -590,8 +607,9 @@ def run(args, device, rank, world_size):
                     loss = loss.detach().clone()
                     dist.all_reduce(loss)
                     loss /= world_size
-                record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
-                          "lr": lr, "grad_norm": grad_norm.item(), "logit_scale": raw_model.logit_scale.exp().item(),
+                record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
+                          "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                          "logit_scale": raw_model.logit_scale.exp().item(),
                           "samples_per_s": samples_since / (time.time() - t_last)}
                 if image_w is not None:
                     record["active_image"] = active_tokens(image_w)
@@ -599,13 +617,16 @@ def run(args, device, rank, world_size):
                 history.append(record)
                 t_last, samples_since = time.time(), 0
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in
-                                 ("loss", "lr", "logit_scale", "active_image", "samples_per_s") if k in record})
-            if step == total_steps or (step % steps_per_epoch == 0 and (step // steps_per_epoch) % args.eval_every == 0):
+                                 ("loss", "lr", "logit_scale", "active_image", "samples_per_s")
+                                 if k in record})
+            if step == total_steps or (step % steps_per_epoch == 0
+                                       and (step // steps_per_epoch) % args.eval_every == 0):
                 check_losses()
                 if master:
                     checkpoint()
                     last_eval = evaluate()
-                    bar.write(f"step {step} | " + " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items()))
+                    bar.write(f"step {step} | "
+                              + " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items()))
                 if world_size > 1:
                     dist.barrier()
         if stopped and step < total_steps:   # after the last step the run is complete
@@ -627,7 +648,8 @@ def run(args, device, rank, world_size):
 
     if master:
         summary = " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items())
-        print(f"done: {step} steps | {summary}\ncheckpoint {ckpt_path} | curves {out / 'curves.png'}")
+        print(f"done: {step} steps | {summary}\n"
+              f"checkpoint {ckpt_path} | curves {out / 'curves.png'}")
     return last_eval
 
 

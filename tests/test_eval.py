@@ -53,7 +53,8 @@ def five_captions_shuffled(n_images, g):
 @pytest.mark.parametrize("ties", [False, True])
 def test_retrieval_metrics_match_brute_force(ties):
     g = torch.Generator().manual_seed(0)
-    n_images, dim = 30, 6                                   # low dimension: recalls far from 0 and 100
+    # low dimension: recalls far from 0 and 100
+    n_images, dim = 30, 6
     text_to_image = five_captions_shuffled(n_images, g)
     if ties:  # small integer vectors: many exactly tied scores
         image_emb = torch.randint(-2, 3, (n_images, 3), generator=g).float()
@@ -61,7 +62,8 @@ def test_retrieval_metrics_match_brute_force(ties):
     else:
         image_emb = torch.randn(n_images, dim, generator=g)
         text_emb = image_emb[text_to_image] + 1.5 * torch.randn(5 * n_images, dim, generator=g)
-    got = evaluation.retrieval_metrics(image_emb, text_emb, text_to_image)  # eval.retrieval_metrics: a public name
+    # eval.retrieval_metrics: a public name
+    got = evaluation.retrieval_metrics(image_emb, text_emb, text_to_image)
     want = brute_force_recalls(image_emb @ text_emb.t(), text_to_image)
     assert got.keys() == want.keys()
     for key in want:
@@ -78,14 +80,17 @@ def test_retrieval_with_shared_captions_matches_brute_force():
     match = (sentence[:, :, None] == texts[None, None, :]).any(dim=1)         # (N_img, 60)
     sentence_emb = torch.randn(15, dim, generator=g)
     image_emb = sentence_emb[sentence].mean(dim=1) + 0.5 * torch.randn(n_images, dim, generator=g)
-    text_emb = sentence_emb[texts]                                            # equal sentences, equal embeddings
+    # equal sentences, equal embeddings
+    text_emb = sentence_emb[texts]
     got = metrics.retrieval_metrics(image_emb, text_emb, match)
     sim, right = (image_emb @ text_emb.t()).tolist(), match.tolist()
     want = {}
     ranks = {"i2t": [sorted(range(60), key=lambda t: (-sim[i][t], right[i][t])).index(
-                 next(t for t in sorted(range(60), key=lambda t: (-sim[i][t], right[i][t])) if right[i][t]))
+                 next(t for t in sorted(range(60), key=lambda t: (-sim[i][t], right[i][t]))
+                      if right[i][t]))
                  for i in range(n_images)],
-             "t2i": [next(r for r, i in enumerate(sorted(range(n_images), key=lambda i: (-sim[i][t], right[i][t])))
+             "t2i": [next(r for r, i in enumerate(sorted(range(n_images),
+                                                         key=lambda i: (-sim[i][t], right[i][t])))
                           if right[i][t]) for t in range(60)]}
     for name, rank in ranks.items():
         for k in (1, 5, 10):
@@ -93,7 +98,8 @@ def test_retrieval_with_shared_captions_matches_brute_force():
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-4), key
     # with one owner per caption, an identical caption of another image would count as a miss
-    strict = metrics.retrieval_metrics(image_emb, text_emb, torch.arange(n_images).repeat_interleave(5))
+    strict = metrics.retrieval_metrics(image_emb, text_emb,
+                                       torch.arange(n_images).repeat_interleave(5))
     assert strict["t2i_r1"] < got["t2i_r1"]
 
 
@@ -119,9 +125,11 @@ def test_known_ranks_give_known_recalls():
         others = [i for i in range(n_images) if i != own][: t % 10]
         sim[others, t] = 2
     m = metrics.retrieval_metrics(eye, sim.t(), text_to_image)
-    assert (m["t2i_r1"], m["t2i_r5"], m["t2i_r10"]) == pytest.approx((10, 50, 100))  # rank 0 for 5 of 50, < 5 for 25
+    # rank 0 for 5 of 50, < 5 for 25
+    assert (m["t2i_r1"], m["t2i_r5"], m["t2i_r10"]) == pytest.approx((10, 50, 100))
 
-    # image -> text: the best own caption (score 1; the other four 0.5) is beaten by q other captions
+    # image -> text: the best own caption (score 1; the other four 0.5) is beaten by q other
+    # captions
     q = [0, 0, 1, 3, 4, 5, 9, 10, 20, 45]
     sim = torch.zeros(n_images, 50)
     for i in range(n_images):
@@ -147,20 +155,22 @@ def test_zeroshot_accuracy_topk():
     image_emb = torch.tensor([[4., 3, 2, 1], [4, 3, 2, 1], [4, 3, 2, 1], [1, 2, 3, 4]])
     labels = torch.tensor([0, 1, 3, 0])                        # ranks 0, 1, 3, 3
     acc = metrics.zeroshot_accuracy(image_emb, classifier, labels, topk=(1, 2, 5))
-    assert acc == pytest.approx({"top1": 25, "top2": 50, "top5": 100})  # k >= 4 classes: every image
+    # k >= 4 classes: every image
+    assert acc == pytest.approx({"top1": 25, "top2": 50, "top5": 100})
 
 
 def tiny_config(vocab_size, head="fdt"):
-    return ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
-                       vocab_size=vocab_size, context_length=32, text_width=64, text_layers=2, text_heads=2,
-                       embed_dim=64, n_fdt=128, head=head)
+    return ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                       vision_heads=2, vocab_size=vocab_size, context_length=32, text_width=64,
+                       text_layers=2, text_heads=2, embed_dim=64, n_fdt=128, head=head)
 
 
 def test_classifier_is_the_normalised_template_mean(trained):
     model, tokenizer = trained["model"], trained["tokenizer"]
     classes, templates = ["red circle", "blue star", "pink ring"], ["a {}", "the {} is here"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")              # every piece of these names is in the training captions
+        # every piece of these names is in the training captions
+        warnings.simplefilter("error")
         got = metrics.zeroshot_classifier(model, tokenizer, classes, templates, "cpu")
     with pytest.warns(UserWarning, match="never occurred.*ebra"):
         metrics.zeroshot_classifier(model, tokenizer, ["red zebra"], templates, "cpu")
@@ -176,19 +186,23 @@ def test_marginal_probs_sum_pair_probabilities_by_hand():
     got_shape = metrics.marginal_probs(image_emb, pair, 2.0, dim=0)           # (5, 4)
     got_colour = metrics.marginal_probs(image_emb, pair, 2.0, dim=1)          # (5, 3)
     for n in range(5):
-        e = {(c, s): math.exp(2.0 * float(image_emb[n] @ pair[c, s])) for c in range(3) for s in range(4)}
+        e = {(c, s): math.exp(2.0 * float(image_emb[n] @ pair[c, s]))
+             for c in range(3) for s in range(4)}
         total = sum(e.values())
         for s in range(4):
-            assert got_shape[n, s] == pytest.approx(sum(e[c, s] for c in range(3)) / total, rel=1e-5)
+            assert got_shape[n, s] == pytest.approx(sum(e[c, s] for c in range(3)) / total,
+                                                    rel=1e-5)
         for c in range(3):
-            assert got_colour[n, c] == pytest.approx(sum(e[c, s] for s in range(4)) / total, rel=1e-5)
+            assert got_colour[n, c] == pytest.approx(sum(e[c, s] for s in range(4)) / total,
+                                                     rel=1e-5)
 
 
 def test_linear_probe_reads_a_linear_signal_and_not_noise():
     g = torch.Generator().manual_seed(5)
     classes, dim = 8, 16
     centres = 3 * torch.randn(classes, dim, generator=g)
-    present = (torch.rand(600, classes, generator=g) < 0.25).float()          # multi-hot training labels
+    # multi-hot training labels
+    present = (torch.rand(600, classes, generator=g) < 0.25).float()
     train_x = present @ centres + torch.randn(600, dim, generator=g)
     test_y = torch.randint(0, classes, (200,), generator=g)
     test_x = centres[test_y] + torch.randn(200, dim, generator=g)
@@ -202,7 +216,8 @@ def test_heldout_accuracy_against_brute_force():
     g = torch.Generator().manual_seed(0)
     image_emb = torch.randn(30, 6, generator=g)
     pair = torch.randn(8, 8, 6, generator=g)
-    pair[2, 5] = pair[2, 1]                                              # a tie: counts against the model
+    # a tie: counts against the model
+    pair[2, 5] = pair[2, 1]
     colour, shape = torch.randint(0, 8, (30,), generator=g), torch.randint(0, 8, (30,), generator=g)
     colour[:3], shape[:3] = 2, 1
     wins = total = 0
@@ -213,7 +228,8 @@ def test_heldout_accuracy_against_brute_force():
             if other != s:
                 wins += own > float(image_emb[n] @ pair[c, other])
                 total += 1
-    assert metrics.heldout_accuracy(image_emb, pair, colour, shape) == pytest.approx(100 * wins / total)
+    assert (metrics.heldout_accuracy(image_emb, pair, colour, shape)
+            == pytest.approx(100 * wins / total))
     # a model that only sees colour: every shape of the right colour scores the same
     flat = pair[:, :1].expand(8, 8, 6)
     assert metrics.heldout_accuracy(image_emb, flat, colour, shape) == 0.0
@@ -222,7 +238,8 @@ def test_heldout_accuracy_against_brute_force():
 def test_binding_accuracy_against_brute_force():
     g = torch.Generator().manual_seed(1)
     image, true, false = (torch.randn(40, 5, generator=g) for _ in range(3))
-    false[:4] = true[:4]                                                  # ties count against the model
+    # ties count against the model
+    false[:4] = true[:4]
     want = sum(float(image[n] @ true[n]) > float(image[n] @ false[n]) for n in range(40)) / 40
     assert metrics.binding_accuracy(image, true, false) == pytest.approx(100 * want)
     assert metrics.binding_accuracy(image, true, true) == 0.0
@@ -236,7 +253,8 @@ def test_binding_accuracy_against_brute_force():
 def trained(tmp_path_factory):
     """An FDT model trained 250 steps on a small shapes set (colour is learned first), saved the way
     train.py saves it, and an untrained projection-head checkpoint."""
-    root = shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=640, n_val=50, n_test_per_pair=3)
+    root = shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=640, n_val=50,
+                          n_test_per_pair=3)
     train_set = data.load_split("shapes", root, "train", 32)
     tokenizer = data.Tokenizer.build([c for caps in train_set.captions for c in caps], 32)
     config = tiny_config(tokenizer.vocab_size)
@@ -245,7 +263,8 @@ def trained(tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = data.TrainLoader(train_set, tokenizer, 32, seed=0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices this small gain nothing from threads, and lose a lot on a busy machine
+    # matrices this small gain nothing from threads, and lose a lot on a busy machine
+    torch.set_num_threads(1)
     batches = (batch for epoch in itertools.count() for batch in loader.epoch(epoch))
     try:
         for images, tokens in itertools.islice(batches, 250):
@@ -260,27 +279,32 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
 
     def save(path, model):
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                    "model": model.state_dict(),
                     "model_config": asdict(model.config), "tokenizer": tokenizer.state_dict(),
                     "data": {"source": "shapes", "root": str(root)}, "step": 250}, path)
         return path
 
     torch.manual_seed(0)
-    return {"root": root, "model": model, "tokenizer": tokenizer, "ckpt": save(out / "ckpt.pt", model),
-            "proj_ckpt": save(tmp_path_factory.mktemp("clip") / "ckpt.pt", CLIP(replace(config, head="clip")))}
+    return {"root": root, "model": model, "tokenizer": tokenizer,
+            "ckpt": save(out / "ckpt.pt", model),
+            "proj_ckpt": save(tmp_path_factory.mktemp("clip") / "ckpt.pt",
+                              CLIP(replace(config, head="clip")))}
 
 
 def test_zeroshot_beats_chance_on_shapes(trained):
-    m = evaluation.evaluate_shapes_zeroshot(trained["model"], trained["tokenizer"], trained["root"], 32, "cpu")
+    m = evaluation.evaluate_shapes_zeroshot(trained["model"], trained["tokenizer"], trained["root"],
+                                            32, "cpu")
     assert set(m) == {"zs_shape", "zs_colour", "zs_pair", "zs_heldout"}
     assert 0 <= m["zs_heldout"] <= 100
     assert max(m["zs_colour"], m["zs_shape"]) > 2 * 12.5          # chance: 1 in 8
 
 
 def test_evaluate_and_retrieval_cli(trained, capsys):
-    m = evaluation.evaluate(trained["model"], trained["tokenizer"], "shapes", trained["root"], "cpu")
-    assert {"i2t_r1", "t2i_r10", "rsum", "active_image", "active_text", "zs_heldout", "bind_swap_colour",
-            "probe_shape", "probe_colour"} <= set(m)
+    m = evaluation.evaluate(trained["model"], trained["tokenizer"], "shapes", trained["root"],
+                            "cpu")
+    assert {"i2t_r1", "t2i_r10", "rsum", "active_image", "active_text", "zs_heldout",
+            "bind_swap_colour", "probe_shape", "probe_colour"} <= set(m)
     assert all(isinstance(v, float) for v in m.values())
     assert m["rsum"] > 150                                         # chance is ~63 for 50 images
     assert 1 <= m["active_image"] < 128 and 1 <= m["active_text"] < 128
@@ -292,7 +316,8 @@ def test_evaluate_and_retrieval_cli(trained, capsys):
 
 
 def test_zeroshot_cli_shapes_top1_and_top5(trained):
-    evaluation.main(["zeroshot", "--ckpt", str(trained["ckpt"]), "--dataset", "shapes", "--device", "cpu"])
+    evaluation.main(["zeroshot", "--ckpt", str(trained["ckpt"]), "--dataset", "shapes",
+                     "--device", "cpu"])
     saved = json.loads((trained["ckpt"].parent / "zeroshot_shapes.json").read_text())
     for task in ("shape", "colour", "pair"):
         assert 0 <= saved[f"zs_{task}"] <= saved[f"zs_{task}_top5"] <= 100
@@ -321,16 +346,20 @@ def test_binding_tests_and_cli(trained, capsys):
     tests = evaluation.binding_tests(val)
     assert set(tests) == set(shapes.NEGATIVE_KINDS)
     for kind, (idx, true, false) in tests.items():
-        for i, t, f in zip(idx.tolist(), true, false):                 # the same edit as shapes.negatives draws
-            assert (t, f) == shapes.negatives(val.entries[i]["objects"], np.random.default_rng([0, i]))[kind]
+        # the same edit as shapes.negatives draws
+        for i, t, f in zip(idx.tolist(), true, false):
+            assert (t, f) == shapes.negatives(val.entries[i]["objects"],
+                                              np.random.default_rng([0, i]))[kind]
     n_single = sum(len(e["objects"]) == 1 for e in val.entries)
-    assert len(tests["replace_shape"][0]) == len(val.entries) and len(tests["swap_relation"][0]) == len(val.entries) - n_single
+    assert (len(tests["replace_shape"][0]) == len(val.entries)
+            and len(tests["swap_relation"][0]) == len(val.entries) - n_single)
     model, tokenizer = trained["model"], trained["tokenizer"]
     m = evaluation.evaluate_binding(model, tokenizer, val, "cpu")
     image_emb = metrics.embed_images(model, val.images, "cpu")
     idx, true, false = tests["swap_colour"]
-    want = metrics.binding_accuracy(image_emb[idx], metrics.embed_texts(model, tokenizer, true, "cpu"),
-                                       metrics.embed_texts(model, tokenizer, false, "cpu"))
+    want = metrics.binding_accuracy(image_emb[idx],
+                                    metrics.embed_texts(model, tokenizer, true, "cpu"),
+                                    metrics.embed_texts(model, tokenizer, false, "cpu"))
     assert m["bind_swap_colour"] == pytest.approx(want)
     assert m["bind_replace_colour"] > 60                             # colour is learned first
     evaluation.main(["binding", "--ckpt", str(trained["ckpt"]), "--device", "cpu"])
@@ -353,9 +382,11 @@ def image_folder(trained, tmp_path_factory):
     images, labels = [], []
     for label, colour in enumerate(classes):
         (folder / colour).mkdir()
-        picks = (zs["labels"]["colour"] == shapes.COLOURS.index(colour)).nonzero().flatten()[::8][:3]
+        picks = (zs["labels"]["colour"]
+                 == shapes.COLOURS.index(colour)).nonzero().flatten()[::8][:3]
         for k, i in enumerate(picks.tolist()):
-            Image.fromarray(zs["images"][i].permute(1, 2, 0).numpy()).save(folder / colour / f"{k}.png")
+            Image.fromarray(zs["images"][i].permute(1, 2, 0).numpy()).save(
+                folder / colour / f"{k}.png")
             images.append(zs["images"][i])
             labels.append(label)
     return folder, classes, torch.stack(images), torch.tensor(labels)
@@ -389,15 +420,19 @@ def test_classnames_file(trained, image_folder, tmp_path):
 def test_missing_datasets_say_what_to_put_where(trained, tmp_path, monkeypatch):
     ckpt = str(trained["ckpt"])
     with pytest.raises(SystemExit, match="no image folder at .*one sub-folder per class"):
-        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")])
-    with pytest.raises(SystemExit, match="one sub-folder per class"):                 # exists but empty
-        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "imagefolder", "--data-dir", str(tmp_path)])
+        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "imagefolder",
+                         "--data-dir", str(tmp_path / "nope")])
+    # exists but empty
+    with pytest.raises(SystemExit, match="one sub-folder per class"):
+        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "imagefolder",
+                         "--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="needs --data-dir"):
         evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "imagefolder"])
     with pytest.raises(SystemExit, match="no shapes dataset at"):
         evaluation.main(["retrieval", "--ckpt", ckpt, "--data-dir", str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="no shapes zero-shot split"):
-        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "shapes", "--data-dir", str(tmp_path / "nope")])
+        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "shapes",
+                         "--data-dir", str(tmp_path / "nope")])
 
     def offline(*args, **kwargs):  # what a machine without network gets, without trying the network
         raise OSError("no network")
@@ -405,7 +440,8 @@ def test_missing_datasets_say_what_to_put_where(trained, tmp_path, monkeypatch):
     cifar = tmp_path / "cifar"
     where = f"cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/ folder) in {cifar}/"
     with pytest.raises(SystemExit, match=re.escape(where)):
-        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "cifar10", "--data-dir", str(cifar)])
+        evaluation.main(["zeroshot", "--ckpt", ckpt, "--dataset", "cifar10",
+                         "--data-dir", str(cifar)])
 
 
 # -----------------------------------------------------------------------------
@@ -420,8 +456,8 @@ def assert_pngs(paths):
 
 
 def test_inspect_shapes_defaults(trained, tmp_path, capsys):
-    evaluation.main(["inspect", "--ckpt", str(trained["ckpt"]), "--examples", "1", "--out", str(tmp_path),
-                     "--device", "cpu"])
+    evaluation.main(["inspect", "--ckpt", str(trained["ckpt"]), "--examples", "1",
+                     "--out", str(tmp_path), "--device", "cpu"])
     assert "same concept" in capsys.readouterr().out
     assert_pngs([tmp_path / name for name in ("val0_image_tokens.png", "val0_text_tokens.png",
                                               "val0_pair_tokens.png", "concept_tokens.png")])
@@ -431,9 +467,10 @@ def test_inspect_image_and_text(trained, tmp_path):
     zs = shapes.load_zeroshot(trained["root"], 64)                 # larger than the model: resized
     image = tmp_path / "picture.png"
     Image.fromarray(zs["images"][0].permute(1, 2, 0).numpy()).save(image)
-    evaluation.main(["inspect", "--ckpt", str(trained["ckpt"]), "--image", str(image), "--text", "a red circle",
-                     "--out", str(tmp_path / "figs"), "--device", "cpu"])
-    assert_pngs([tmp_path / "figs" / name for name in ("image_tokens.png", "text_tokens.png", "pair_tokens.png")])
+    evaluation.main(["inspect", "--ckpt", str(trained["ckpt"]), "--image", str(image),
+                     "--text", "a red circle", "--out", str(tmp_path / "figs"), "--device", "cpu"])
+    assert_pngs([tmp_path / "figs" / name
+                 for name in ("image_tokens.png", "text_tokens.png", "pair_tokens.png")])
     assert not (tmp_path / "figs" / "concept_tokens.png").exists()
 
 
@@ -470,13 +507,15 @@ def test_sugarcrepe_against_a_brute_force_count(trained, tmp_path, capsys):
     names = []
     for i in range(6):
         names.append(f"{i:012d}.jpg")
-        Image.fromarray(zs["images"][i * 10].permute(1, 2, 0).numpy()).save(coco / "val2017" / names[-1], quality=95)
+        Image.fromarray(zs["images"][i * 10].permute(1, 2, 0).numpy()).save(
+            coco / "val2017" / names[-1], quality=95)
     folder = tmp_path / "sugarcrepe"
     folder.mkdir()
     g = np.random.default_rng(0)
     colours = shapes.COLOURS
     for category in benchmarks.SUGARCREPE:
-        items = {str(k): {"filename": names[g.integers(6)], "caption": f"a {colours[g.integers(8)]} circle",
+        items = {str(k): {"filename": names[g.integers(6)],
+                          "caption": f"a {colours[g.integers(8)]} circle",
                           "negative_caption": f"a {colours[g.integers(8)]} star"} for k in range(5)}
         (folder / f"{category}.json").write_text(json.dumps(items))
     evaluation.main(["sugarcrepe", "--ckpt", str(trained["ckpt"]), "--sugarcrepe-dir", str(folder),
@@ -491,13 +530,16 @@ def test_sugarcrepe_against_a_brute_force_count(trained, tmp_path, capsys):
         for item in items.values():                                    # one item at a time
             with Image.open(coco / "val2017" / item["filename"]) as im:
                 image = metrics.embed_images(model, transform(im.convert("RGB"))[None], "cpu")[0]
-            t, n = metrics.embed_texts(model, tokenizer, [item["caption"], item["negative_caption"]], "cpu")
+            t, n = metrics.embed_texts(model, tokenizer,
+                                       [item["caption"], item["negative_caption"]], "cpu")
             wins += float(image @ t) > float(image @ n)
         assert saved[category] == pytest.approx(100 * wins / len(items), abs=1e-4), category
         means.append(100 * wins / len(items))
     assert saved["mean"] == pytest.approx(sum(means) / len(means))
     assert "swap_obj" in capsys.readouterr().out
     (folder / "swap_att.json").unlink()
-    with pytest.raises(SystemExit, match="no SugarCrepe files swap_att.json .*RAIVNLab/sugar-crepe"):
-        evaluation.main(["sugarcrepe", "--ckpt", str(trained["ckpt"]), "--sugarcrepe-dir", str(folder),
+    with pytest.raises(SystemExit,
+                       match="no SugarCrepe files swap_att.json .*RAIVNLab/sugar-crepe"):
+        evaluation.main(["sugarcrepe", "--ckpt", str(trained["ckpt"]),
+                         "--sugarcrepe-dir", str(folder),
                          "--coco-dir", str(coco), "--device", "cpu"])

@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
-    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=64, n_val=12, n_test_per_pair=1)
+    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=64, n_val=12,
+                          n_test_per_pair=1)
 
 
 def flags(root, out, *extra):
@@ -80,7 +81,8 @@ def test_unreadable_images_named_all_at_once(shapes_root, tmp_path):
     assert "2 of 64 images cannot be read" in message
     assert "000000000005.png" in message and "000000000009.png" in message
     assert not (tmp_path / "run" / "ckpt.pt").exists()
-    assert not list((root / "cache").glob("zeroshot_*"))                # no half-built cache left behind
+    # no half-built cache left behind
+    assert not list((root / "cache").glob("zeroshot_*"))
 
 
 # -----------------------------------------------------------------------------
@@ -211,11 +213,13 @@ def test_evaluation_error_keeps_the_checkpoint(shapes_root, tmp_path, monkeypatc
     def broken_evaluation(*args):
         raise RuntimeError("something went wrong in evaluation")
     monkeypatch.setattr(evaluation, "evaluate", broken_evaluation)
-    with pytest.raises(SystemExit, match=r"evaluation at step 2 failed .*something went wrong.*ckpt.pt is saved"):
+    with pytest.raises(SystemExit, match=r"evaluation at step 2 failed .*something went wrong"
+                                         r".*ckpt.pt is saved"):
         train.main(flags(shapes_root, tmp_path, "--steps", "2"))
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records and all(r["kind"] == "train" and r["step"] <= 2 for r in records)  # no claim past the checkpoint
+    # no claim past the checkpoint
+    assert records and all(r["kind"] == "train" and r["step"] <= 2 for r in records)
 
 
 # -----------------------------------------------------------------------------
@@ -233,7 +237,8 @@ def test_non_finite_loss_before_any_checkpoint_names_none(shapes_root, tmp_path,
 
 def test_second_run_on_the_same_folder_refused(shapes_root, tmp_path):
     tmp_path.mkdir(exist_ok=True)
-    with open(tmp_path / "lock", "w") as held:                          # what a running train.py holds
+    # what a running train.py holds
+    with open(tmp_path / "lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(SystemExit, match="another training run is using"):
             train.main(flags(shapes_root, tmp_path, "--steps", "1"))
@@ -244,7 +249,8 @@ SAVE_LOOP = """
 import sys, torch
 import data, model
 from dataclasses import replace
-m = model.CLIP(replace(model.PRESETS["tiny"], n_fdt=16384))   # ~10 MB of weights: a save takes a while
+# ~10 MB of weights: a save takes a while
+m = model.CLIP(replace(model.PRESETS["tiny"], n_fdt=16384))
 tok = data.Tokenizer([1, 2, 3], 8)
 step = 0
 while True:
@@ -266,7 +272,8 @@ def test_kill_9_during_save_leaves_a_loadable_checkpoint(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ckpt = load_checkpoint(path)
-        assert ckpt["step"] >= 1 and torch.equal(ckpt["blob"], torch.full((2_000_000,), float(ckpt["step"])))
+        assert ckpt["step"] >= 1 and torch.equal(ckpt["blob"],
+                                                 torch.full((2_000_000,), float(ckpt["step"])))
 
 
 def test_sigterm_checkpoints_like_ctrl_c_and_restores_the_handlers(shapes_root, tmp_path,
@@ -346,11 +353,13 @@ def test_sparsemax_rows_without_a_finite_entry_are_a_clear_error(sparsemax):
         with pytest.raises(ValueError, match=r"1 of 4 rows have no finite entry .* index \[2\]"):
             sparsemax(y)
     y = x.clone()
-    y[1, 7] = float("inf")                                              # e.g. fp16 relevances that overflowed
+    # e.g. fp16 relevances that overflowed
+    y[1, 7] = float("inf")
     with pytest.raises(ValueError, match="overflowed"):
         sparsemax(y)
     y = x.clone()
-    y[3, :299] = float("-inf")                                          # one finite entry is fine: weight 1
+    # one finite entry is fine: weight 1
+    y[3, :299] = float("-inf")
     assert sparsemax(y)[3, 299] == 1
 
 
@@ -366,7 +375,8 @@ def test_fdt_all_padding_row_is_a_clear_error():
 def test_fp16_overflow_of_relevances_is_not_silent():
     torch.manual_seed(0)
     for layer in (fdt.FDT(16, 8, temperature=1e-4), fdt_fast.FDT(16, 8, temperature=1e-4)):
-        q = torch.full((2, 3, 8), 30.0, dtype=torch.float16)          # relevances ~1e6: past fp16's 65504
+        # relevances ~1e6: past fp16's 65504
+        q = torch.full((2, 3, 8), 30.0, dtype=torch.float16)
         with pytest.raises(ValueError, match="overflowed"):
             layer.half()(q)
 
@@ -377,20 +387,24 @@ def test_fp16_overflow_of_relevances_is_not_silent():
 def write_coco_ids(root, split, ids):
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids]
-    (root / "annotations" / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": []}))
+    (root / "annotations" / f"captions_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": []}))
 
 
 def test_train_test_overlap_refused_across_layouts(tmp_path):
     root = tmp_path / "coco"
     write_coco_ids(root, "train2017", [1, 2, 3, 4])
     write_coco_ids(root, "val2017", [10, 11])
-    karpathy = [{"cocoid": 1, "split": "test"}, {"cocoid": 10, "split": "train"}, {"cocoid": 11, "split": "restval"},
-                {"cocoid": 2, "split": "val"}, {"cocoid": 20, "split": "test"}]
+    karpathy = [{"cocoid": 1, "split": "test"}, {"cocoid": 10, "split": "train"},
+                {"cocoid": 11, "split": "restval"}, {"cocoid": 2, "split": "val"},
+                {"cocoid": 20, "split": "test"}]
     (root / "dataset_coco.json").write_text(json.dumps({"images": karpathy}))
-    assert data.image_ids("karpathy", root, "train") == {10, 11} and data.image_ids("coco", root, "val") == {10, 11}
+    assert (data.image_ids("karpathy", root, "train") == {10, 11}
+            and data.image_ids("coco", root, "val") == {10, 11})
     coco_ckpt = {"data": {"source": "coco", "root": str(root)}}
     karpathy_ckpt = {"data": {"source": "karpathy", "root": str(root)}}
-    with pytest.raises(SystemExit, match=r"1 images of karpathy test are in the checkpoint's training split .*ids \[1\]"):
+    with pytest.raises(SystemExit, match=r"1 images of karpathy test are in the checkpoint's "
+                                         r"training split .*ids \[1\]"):
         evaluation.refuse_overlap(coco_ckpt, "karpathy", root, "test", allow=False)
     with pytest.raises(SystemExit, match="2 images of coco val are in"):
         evaluation.refuse_overlap(karpathy_ckpt, "coco", root, "val", allow=False)
@@ -398,14 +412,15 @@ def test_train_test_overlap_refused_across_layouts(tmp_path):
     evaluation.refuse_overlap(karpathy_ckpt, "karpathy", root, "test", allow=False)
     evaluation.refuse_overlap(coco_ckpt, "karpathy", root, "test", allow=True)      # on purpose
     with pytest.raises(SystemExit, match="cannot check .*--allow-overlap"):
-        evaluation.refuse_overlap({"data": {"source": "coco", "root": str(tmp_path / "gone")}}, "coco", root, "val",
-                                  allow=False)
+        evaluation.refuse_overlap({"data": {"source": "coco", "root": str(tmp_path / "gone")}},
+                                  "coco", root, "val", allow=False)
 
 
 def test_foreign_and_truncated_checkpoints_are_clear_errors(tmp_path):
     path = tmp_path / "ckpt.pt"
     model = CLIP(PRESETS["tiny"])
-    save_checkpoint(path, model, data.Tokenizer([1, 2], 8), {"source": "shapes", "root": "x"}, step=1)
+    save_checkpoint(path, model, data.Tokenizer([1, 2], 8), {"source": "shapes", "root": "x"},
+                    step=1)
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match="not a readable FDT-CLIP checkpoint"):
         load_checkpoint(path)

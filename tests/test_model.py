@@ -43,13 +43,15 @@ def test_shapes_for_every_preset_and_head(name, head):
 
 def test_conv_stem_only_for_tiny_and_same_grid():
     assert PRESETS["tiny"].stem == "conv"
-    assert PRESETS["small"].stem == PRESETS["base"].stem == "patch"        # the paper's patchify ViTs
+    # the paper's patchify ViTs
+    assert PRESETS["small"].stem == PRESETS["base"].stem == "patch"
     assert PRESETS["base"].logit_scale_init == pytest.approx(1 / 0.07)     # CLIP's
     for stem in ("patch", "conv"):
         config = replace(PRESETS["tiny"], stem=stem)
         embed = CLIP(config).visual.patch_embed
         out = embed(torch.randn(2, 3, 64, 64))
-        assert out.shape == (2, config.vision_width, 8, 8)                  # one feature per 8 x 8 patch
+        # one feature per 8 x 8 patch
+        assert out.shape == (2, config.vision_width, 8, 8)
     # a conv stem pixel only reaches the patches its receptive field covers: not a global mixer
     embed = CLIP(replace(PRESETS["tiny"], stem="conv")).visual.patch_embed
     x = torch.zeros(1, 3, 64, 64, requires_grad=True)
@@ -100,9 +102,9 @@ def test_contrastive_loss_matches_by_hand():
 
 @pytest.mark.parametrize("head", ["fdt", "clip"])
 def test_a_few_steps_lower_the_loss(head):
-    config = ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
-                         vocab_size=60, context_length=12, text_width=64, text_layers=2, text_heads=2,
-                         embed_dim=64, n_fdt=256, head=head)
+    config = ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                         vision_heads=2, vocab_size=60, context_length=12, text_width=64,
+                         text_layers=2, text_heads=2, embed_dim=64, n_fdt=256, head=head)
     torch.manual_seed(0)
     model = CLIP(config)
     images, tokens = batch(config, 16)
@@ -134,7 +136,8 @@ def test_incomplete_checkpoint_is_a_clear_error(tmp_path):
 def test_word_loss_against_a_count_by_hand():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 9, generator=g)
-    tokens = torch.tensor([[5, 7, 5, 2, 0, 0], [3, 2, 0, 0, 0, 0], [8, 1, 4, 6, 2, 0]])  # 1 = unknown
+    # 1 = unknown
+    tokens = torch.tensor([[5, 7, 5, 2, 0, 0], [3, 2, 0, 0, 0, 0], [8, 1, 4, 6, 2, 0]])
     want = 0.0
     for b in range(3):
         words = {int(t) for t in tokens[b] if t >= 3}                         # no pad, unknown, EOT

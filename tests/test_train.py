@@ -22,7 +22,8 @@ STEPS_PER_EPOCH = 6  # 192 train images / batch 32
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
-    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30, n_test_per_pair=1)
+    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30,
+                          n_test_per_pair=1)
 
 
 def flags(root, out, *extra):
@@ -37,7 +38,8 @@ def weights(out):
 @pytest.mark.parametrize("model", ["fdt", "clip"])
 def test_end_to_end(shapes_root, tmp_path, model):
     metrics = train.main(flags(shapes_root, tmp_path, "--model", model, "--steps", "4"))
-    for key in ("i2t_r1", "t2i_r10", "rsum", "zs_shape", "zs_colour", "zs_pair", "zs_heldout", "bind_swap_colour"):
+    for key in ("i2t_r1", "t2i_r10", "rsum", "zs_shape", "zs_colour", "zs_pair", "zs_heldout",
+                "bind_swap_colour"):
         assert 0 <= metrics[key] <= (600 if key == "rsum" else 100)
     assert ("active_image" in metrics) == (model == "fdt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)   # no pickled objects inside
@@ -48,11 +50,13 @@ def test_end_to_end(shapes_root, tmp_path, model):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
     assert (tmp_path / "curves.png").stat().st_size > 5000
-    assert json.loads((tmp_path / "config.json").read_text())["model"]["head"] == ckpt["model_config"]["head"]
+    assert (json.loads((tmp_path / "config.json").read_text())["model"]["head"]
+            == ckpt["model_config"]["head"])
 
 
 def test_resume_after_ctrl_c_is_exact(shapes_root, tmp_path, monkeypatch):
-    n = STEPS_PER_EPOCH + 2                      # crosses an epoch boundary (evaluation, checkpoint)
+    # crosses an epoch boundary (evaluation, checkpoint)
+    n = STEPS_PER_EPOCH + 2
     train.main(flags(shapes_root, tmp_path / "straight", "--steps", str(n)))
 
     real_lr_at = train.lr_at
@@ -64,7 +68,8 @@ def test_resume_after_ctrl_c_is_exact(shapes_root, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         train.main(flags(shapes_root, tmp_path / "split", "--steps", str(n)))
     assert stop.value.code == 130
-    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 4  # step 3 finished
+    # step 3 finished
+    assert torch.load(tmp_path / "split" / "ckpt.pt", weights_only=True)["step"] == 4
     monkeypatch.setattr(train, "lr_at", real_lr_at)
     train.main(flags(shapes_root, tmp_path / "split", "--steps", str(n), "--resume"))
 
@@ -75,7 +80,8 @@ def test_resume_after_ctrl_c_is_exact(shapes_root, tmp_path, monkeypatch):
 
 
 def test_ddp_two_processes_equal_one(shapes_root, tmp_path):
-    """torchrun with 2 CPU processes (gloo) on the global batch of 32 = 1 process on the same batch."""
+    """torchrun with 2 CPU processes (gloo) on the global batch of 32 = 1 process on the same
+    batch."""
     base = flags(shapes_root, tmp_path / "one", "--steps", "3")
     train.main(base)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,7 +91,8 @@ def test_ddp_two_processes_equal_one(shapes_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     logged = {}
     for run in ("one", "two"):
-        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line)
+                   for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         logged[run] = [(r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"]
     assert len(logged["one"]) == 1   # step 3
     (loss_one, norm_one), (loss_two, norm_two) = logged["one"][0], logged["two"][0]
@@ -115,8 +122,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(shapes_root, tmp_p
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == STEPS_PER_EPOCH
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--batch-size", "0"], ["--amp", "fp32"], ["--lr", "-1"],
-                                  ["--model", "vit"], ["--fdt-temperature", "0"]])
+@pytest.mark.parametrize("argv", [["--bogus"], ["--batch-size", "0"], ["--amp", "fp32"],
+                                  ["--lr", "-1"], ["--model", "vit"], ["--fdt-temperature", "0"]])
 def test_bad_flags_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(argv)
@@ -127,13 +134,14 @@ def test_bad_flags_are_argparse_errors(argv, capsys):
 def test_mismatched_resume_names_every_difference(shapes_root, tmp_path):
     train.main(flags(shapes_root, tmp_path, "--steps", "1"))
     with pytest.raises(SystemExit) as e:
-        train.main(flags(shapes_root, tmp_path, "--steps", "1", "--n-fdt", "256", "--seed", "1", "--amp", "bf16",
-                         "--grad-clip", "0.5", "--model", "clip", "--resume"))
+        train.main(flags(shapes_root, tmp_path, "--steps", "1", "--n-fdt", "256", "--seed", "1",
+                         "--amp", "bf16", "--grad-clip", "0.5", "--model", "clip", "--resume"))
     lines = str(e.value).splitlines()
     assert lines[0] == "error: cannot resume: the checkpoint was trained with other settings:"
     assert sorted(line.strip() for line in lines[1:]) == sorted([
         "model.n_fdt: checkpoint 1024, now 256", "model.head: checkpoint 'fdt', now 'clip'",
-        "seed: checkpoint 0, now 1", "amp: checkpoint 'off', now 'bf16'", "grad_clip: checkpoint 1.0, now 0.5"])
+        "seed: checkpoint 0, now 1", "amp: checkpoint 'off', now 'bf16'",
+        "grad_clip: checkpoint 1.0, now 0.5"])
     other = tmp_path.parent / (tmp_path.name + "-copy")
     shutil.copytree(shapes_root, other)
     with pytest.raises(SystemExit, match=r"data_dir: checkpoint .*shapes[0-9]*', now .*-copy'"):
@@ -172,14 +180,17 @@ def test_lr_schedule():
 
 def test_paper_recipe_is_the_official_configuration():
     args = train.parse_args(["--recipe", "paper"])
-    official = {"preset": "base", "epochs": 32, "batch_size": 1024, "lr": 1e-3, "warmup": 2500, "warmup_from": 1e-4,
-                "grad_clip": 0.0, "logit_scale_min": 3.0, "logit_scale_max": 6.0, "freeze_patch_embed": True,
-                "augment": "mocov2", "amp": "off", "fdt_temperature": 1000.0, "weight_decay": 0.1}
+    official = {"preset": "base", "epochs": 32, "batch_size": 1024, "lr": 1e-3, "warmup": 2500,
+                "warmup_from": 1e-4, "grad_clip": 0.0, "logit_scale_min": 3.0,
+                "logit_scale_max": 6.0, "freeze_patch_embed": True, "augment": "mocov2",
+                "amp": "off", "fdt_temperature": 1000.0, "weight_decay": 0.1}
     assert {k: getattr(args, k) for k in official} == official
     assert args.logit_scale_init == pytest.approx(1 / 0.07)
-    assert train.parse_args(["--recipe", "paper", "--batch-size", "256"]).batch_size == 256   # a flag wins
+    # a flag wins
+    assert train.parse_args(["--recipe", "paper", "--batch-size", "256"]).batch_size == 256
     ours = train.parse_args([])
-    assert (ours.preset, ours.augment, ours.grad_clip, ours.warmup_from) == ("tiny", "none", 1.0, 0.0)
+    assert ((ours.preset, ours.augment, ours.grad_clip, ours.warmup_from)
+            == ("tiny", "none", 1.0, 0.0))
 
 
 def test_warmup_from_a_start_lr():
@@ -196,18 +207,21 @@ def test_recipe_mechanics_frozen_stem_clamp_and_no_clipping(shapes_root, tmp_pat
         max_norms.append(max_norm)
         return real_clip(params, max_norm, *args, **kwargs)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
-    train.main(flags(shapes_root, tmp_path, "--steps", "2", "--freeze-patch-embed", "--grad-clip", "0",
-                     "--logit-scale-init", "50", "--logit-scale-min", "3", "--logit-scale-max", "3.5",
-                     "--augment", "mocov2"))
+    train.main(flags(shapes_root, tmp_path, "--steps", "2", "--freeze-patch-embed",
+                     "--grad-clip", "0", "--logit-scale-init", "50", "--logit-scale-min", "3",
+                     "--logit-scale-max", "3.5", "--augment", "mocov2"))
     assert max_norms == [float("inf")] * 2                                # no gradient clipping
     trained = weights(tmp_path)
-    assert 3.45 < trained["logit_scale"].item() <= 3.5                   # ln 50 = 3.9, clamped at 3.5
+    # ln 50 = 3.9, clamped at 3.5
+    assert 3.45 < trained["logit_scale"].item() <= 3.5
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    torch.manual_seed(0)                                                  # the run's initial weights
+    # the run's initial weights
+    torch.manual_seed(0)
     
     fresh = CLIP(config_from_dict(ckpt["model_config"])).state_dict()
     stem = [k for k in trained if k.startswith("visual.patch_embed")]
-    assert stem and all(torch.equal(trained[k], fresh[k]) for k in stem)  # frozen at its initialisation
+    # frozen at its initialisation
+    assert stem and all(torch.equal(trained[k], fresh[k]) for k in stem)
     assert not torch.equal(trained["visual.pos"], fresh["visual.pos"])    # the rest trains
 
 
@@ -216,8 +230,10 @@ def test_the_readable_fdt_trains_as_the_fast_one(shapes_root, tmp_path):
     runs = {}
     for name, flag in (("fast", "--fast-fdt"), ("plain", "--no-fast-fdt")):
         train.main(flags(shapes_root, tmp_path / name, "--steps", "3", flag))
-        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = [v for r in records if r["kind"] == "train" for v in (r["loss"], r["grad_norm"])]
+        records = [json.loads(line)
+                   for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [v for r in records if r["kind"] == "train"
+                      for v in (r["loss"], r["grad_norm"])]
         ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
         assert ckpt["model_config"]["fast_fdt"] == (name == "fast")
     assert runs["fast"] == pytest.approx(runs["plain"], rel=1e-4)
