@@ -162,7 +162,8 @@ def test_zeroshot_accuracy_topk():
 def tiny_config(vocab_size, head="fdt"):
     return ModelConfig(image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                        vision_heads=2, vocab_size=vocab_size, context_length=32, text_width=64,
-                       text_layers=2, text_heads=2, embed_dim=64, n_fdt=128, head=head)
+                       text_layers=2, text_heads=2, embed_dim=64, n_fdt=128, head=head,
+                       fdt_temperature=30.0)  # sparse: a few of the 128 tokens active
 
 
 def test_classifier_is_the_normalised_template_mean(trained):

@@ -53,8 +53,9 @@ def test_conv_stem_only_for_tiny_and_same_grid():
         # one feature per 8 x 8 patch
         assert out.shape == (2, config.vision_width, 8, 8)
     # a conv stem pixel only reaches the patches its receptive field covers: not a global mixer
-    embed = CLIP(replace(PRESETS["tiny"], stem="conv")).visual.patch_embed
-    x = torch.zeros(1, 3, 64, 64, requires_grad=True)
+    # (in evaluation mode: a training BatchNorm's batch statistics mix every position)
+    embed = CLIP(replace(PRESETS["tiny"], stem="conv")).visual.patch_embed.eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     embed(x)[0, :, 0, 0].sum().backward()
     touched = x.grad.abs().sum(dim=(0, 1)) > 0
     assert touched[:15, :15].any() and not touched[16:].any() and not touched[:, 16:].any()

@@ -217,9 +217,10 @@ def test_recipe_mechanics_frozen_stem_clamp_and_no_clipping(shapes_root, tmp_pat
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     # the run's initial weights
     torch.manual_seed(0)
-    
-    fresh = CLIP(config_from_dict(ckpt["model_config"])).state_dict()
-    stem = [k for k in trained if k.startswith("visual.patch_embed")]
+    fresh = CLIP(config_from_dict(ckpt["model_config"]))
+    # the stem's weights (not BatchNorm's running statistics, which are not trained)
+    stem = [k for k, _ in fresh.named_parameters() if k.startswith("visual.patch_embed")]
+    fresh = fresh.state_dict()
     # frozen at its initialisation
     assert stem and all(torch.equal(trained[k], fresh[k]) for k in stem)
     assert not torch.equal(trained["visual.pos"], fresh["visual.pos"])    # the rest trains
