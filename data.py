@@ -1,16 +1,16 @@
-"""Data: the tokenizer, COCO-format caption sets, the prepared-image cache, batched loading and
-augmentation. The lesson of this file: how to feed a GPU without decoding a JPEG in the loop.
+"""Data: the tokenizer, COCO-format caption sets, the prepared-image cache and batched loading.
+The lesson of this file: how to feed a GPU without decoding a JPEG in the loop.
 
 Every source is (or is written as) a COCO-format caption file plus a folder of images, so one code
-path serves them all (shapes.py writes the shapes world in that format; prepare_coco.py downloads
-COCO):
+path serves them all (lib/shapes.py writes the shapes world in that format; tools/prepare_coco.py
+downloads COCO):
 
     Tokenizer            tiktoken cl100k_base BPE, mapped to a compact vocabulary of the BPE ids
                          seen in the training captions (0 = pad, 1 = unknown, 2 = end of text)
     load_split           "shapes" | "coco" | "karpathy" -> CaptionSet (uint8 images + captions)
     load_splits          several splits, every problem of every one named in one error
     TrainLoader          random caption per image, batches read from the cache (no decoding)
-    preprocess           uint8 batches -> normalised float (augment.py: the same with augmentation)
+    preprocess           uint8 batches -> normalised float (lib/augment.py: with augmentation)
 
 Images are decoded once per (split, resolution) into a uint8 memmap next to the captions (as
 nanoGPT does with tokens), so training never waits for JPEG decoding.

@@ -51,19 +51,23 @@ from model import load_checkpoint, model_from_checkpoint
 # retrieval
 
 
-def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, image_w=None):
+def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, image_w=None,
+                       same_sentence=False):
     """Retrieval metrics on a caption set's first 5 captions per image, plus (FDT head) the mean
-    number of FDT tokens with non-zero weight per image and per caption. A caption is right for
-    every image that has that exact sentence among its captions (in the shapes world many images
-    are "a red star"): finding another image with the same caption is not a miss."""
-    texts, _ = data.retrieval_captions(caption_set)
-    owners = {}                                               # sentence -> images it describes
-    for i, caps in enumerate(caption_set.captions):
-        for c in caps[:5]:
-            owners.setdefault(c, set()).add(i)
-    match = torch.zeros(len(caption_set.captions), len(texts), dtype=torch.bool)  # (N_img, N_txt)
-    for t, c in enumerate(texts):
-        match[list(owners[c]), t] = True
+    number of FDT tokens with non-zero weight per image and per caption. With same_sentence (the
+    shapes world, where many images are "a red star") a caption is right for every image that has
+    that exact sentence among its captions: finding another such image is not a miss. Without it,
+    the COCO 5k protocol: a caption is right for its own image only."""
+    texts, match = data.retrieval_captions(caption_set)                      # match: (N_txt,)
+    if same_sentence:
+        owners = {}                                           # sentence -> images it describes
+        for i, caps in enumerate(caption_set.captions):
+            for c in caps[:5]:
+                owners.setdefault(c, set()).add(i)
+        # (N_img, N_txt): which images each caption is right for
+        match = torch.zeros(len(caption_set.captions), len(texts), dtype=torch.bool)
+        for t, c in enumerate(texts):
+            match[list(owners[c]), t] = True
     if image_emb is None:
         image_emb, image_w = embed_images(model, caption_set.images, device, return_weights=True)
     text_emb, text_w = embed_texts(model, tokenizer, texts, device, return_weights=True)
@@ -226,13 +230,14 @@ EVAL_SPLIT = {"shapes": "val", "coco": "val", "karpathy": "test"}
 
 
 def evaluate(model, tokenizer, source, root, device):
-    """Retrieval on the evaluation split (EVAL_SPLIT; + the shapes zero-shot and binding tests when
-    source == "shapes"): one flat dict of floats. `model` is the bare CLIP (not a DDP or compiled
-    wrapper), already on `device`."""
+    """Retrieval on the evaluation split (EVAL_SPLIT; + the shapes zero-shot, probe and binding
+    tests when source == "shapes"): one flat dict of floats. `model` is the bare CLIP (not a DDP
+    or compiled wrapper), already on `device`."""
     size = model.config.image_size
     val = data.load_split(source, root, EVAL_SPLIT[source], size)
     image_emb, image_w = embed_images(model, val.images, device, return_weights=True)
-    metrics = evaluate_retrieval(model, tokenizer, val, device, image_emb, image_w)
+    metrics = evaluate_retrieval(model, tokenizer, val, device, image_emb, image_w,
+                                 same_sentence=source == "shapes")
     if source == "shapes":
         metrics.update(evaluate_shapes_zeroshot(model, tokenizer, root, size, device))
         metrics.update(evaluate_shapes_probe(model, root, size, device))
@@ -336,7 +341,8 @@ def run_retrieval(args):
     refuse_overlap(ckpt, source, root, args.split, args.allow_overlap)
     with data.clear_errors():
         caption_set = data.load_split(source, root, args.split, model.config.image_size)
-    m = evaluate_retrieval(model, tokenizer, caption_set, args.device)
+    m = evaluate_retrieval(model, tokenizer, caption_set, args.device,
+                           same_sentence=source == "shapes")
     n_texts = len(data.retrieval_captions(caption_set)[0])
     print(f"{source} {args.split}: {len(caption_set.images)} images, {n_texts} captions")
     print(f"{'':>13} {'R@1':>6} {'R@5':>6} {'R@10':>6}")

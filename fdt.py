@@ -14,8 +14,9 @@ about the same thing activate the same tokens.
 Words used here: FDT tokens are the rows of the bank C (n_tokens of them); positions are the
 patches of an image or the words of a caption, what the max runs over (T of them).
 
-This file is the method, written to be read. fdt_fast.py holds the exact, faster equivalents that
-training uses (a partial top-k sparsemax, a max-pool that keeps only the argmax for backward), and
+This file is the method, written to be read, and `python train.py --no-fast-fdt` trains it as
+written. lib/fdt_fast.py holds the exact, faster equivalents that training uses by default (a
+partial top-k sparsemax, a max-pool that keeps only the argmax for backward), and
 tests/test_fdt.py ties them to what is written here.
 """
 

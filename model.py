@@ -52,7 +52,7 @@ class ModelConfig:
     embed_dim: int = 128          # the joint space; also the FDT token dimension (d_fdt)
     # official: 16384 (the base preset); 1024 keeps the tiny model fast on CPU
     n_fdt: int = 1024
-    # official; T = 30 keeps ~50 tokens active, and T = 1 one: nothing trains
+    # official: nearly all tokens active; T = 30 keeps ~50 of 1024; T = 1 one, and nothing trains
     fdt_temperature: float = 1000.0
     fdt_activation: str = "sparsemax"  # "softmax" is the paper's ablation
     # lib/fdt_fast.py's exact, faster kernels; False trains fdt.py as written
@@ -132,16 +132,18 @@ class BatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         B, C, H, W = x.shape
-        sums = torch.stack([x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))])  # (2, C)
+        z = x.float()                                 # statistics in float32, as autocast does
+        sums = torch.stack([z.sum(dim=(0, 2, 3)), z.square().sum(dim=(0, 2, 3))])  # (2, C)
         sums = dist_nn.all_reduce(sums)                       # over processes, with gradients
         n = B * H * W * dist.get_world_size()
-        mean, var = sums[0] / n, sums[1] / n - (sums[0] / n).square()             # (C,) each
+        mean = sums[0] / n                                    # (C,)
+        var = (sums[1] / n - mean.square()).clamp(min=0)      # (C,)
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)            # unbiased, as torch
-        x = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        z = (z - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)
+        return (z * self.weight[:, None, None] + self.bias[:, None, None]).to(x.dtype)
 
 
 def conv_stem(patch_size, width, norm=False):
@@ -350,7 +352,9 @@ CHECKPOINT_VERSION = 1
 
 
 def config_from_dict(d):
-    """ModelConfig from a checkpoint's dict; unknown keys are an error, not silently dropped."""
+    """ModelConfig from a checkpoint's dict; unknown keys are an error, not silently dropped.
+    Checkpoints from before the baseline head was named "clip" call it "proj"."""
+    d = {**d, "head": "clip"} if d.get("head") == "proj" else d
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(d) - known)
     if unknown:

@@ -2,8 +2,10 @@
 
 embed_images / embed_texts turn a model's inputs into L2-normalised embeddings, in batches, under
 no_grad and (on CUDA) bf16 autocast; everything else takes those tensors and returns percent:
-recall@k under the 5-captions protocol, prompt-ensemble zero-shot, the held-out-pair score and the
-binding score. eval.py feeds them the data sets; the tests check each against a brute-force count.
+recall@k under the 5-captions protocol, prompt-ensemble zero-shot (and its marginals over one
+attribute of a pair), the held-out-pair score, linear probes and the binding score; and the
+number of active FDT tokens. eval.py feeds them the data sets; the tests check each against a
+brute-force count or an independent reference.
 """
 
 import warnings

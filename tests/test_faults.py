@@ -35,7 +35,7 @@ def shapes_root(tmp_path_factory):
 
 def flags(root, out, *extra):
     return ["--data-dir", str(root), "--out", str(out), "--batch-size", "32", "--warmup", "1",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--eval-every", "1", *extra]  # a checkpoint every epoch
 
 
 def broken_copy(shapes_root, tmp_path, damage):

@@ -28,7 +28,7 @@ def shapes_root(tmp_path_factory):
 
 def flags(root, out, *extra):
     return ["--data-dir", str(root), "--out", str(out), "--batch-size", "32", "--warmup", "2",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--eval-every", "1", *extra]  # a checkpoint every epoch
 
 
 def weights(out):

@@ -12,6 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=runs/gpu-check
+rm -rf "$out"                          # each check starts afresh
 logs=$out/logs
 mkdir -p "$logs"
 rows=()
