@@ -320,6 +320,13 @@ def image_ids(source: str, root: str | Path, split: str) -> set[int]:
     raise ValueError(f"image ids are defined for coco and karpathy, not {source!r}")
 
 
+def trim_pads(tokens: torch.Tensor) -> torch.Tensor:
+    """Text ids (B, L) cut after the longest text: the text tower is causal and the FDT ignores
+    pads, so trailing pads change nothing but the cost (shapes captions: ~12 of 32 positions;
+    tests/test_model.py::test_text_features_ignore_padding)."""
+    return tokens[:, :int((tokens != PAD).sum(dim=1).max())]                  # (B, longest)
+
+
 def retrieval_captions(cs: CaptionSet, per_image: int = 5) -> tuple[list[str], torch.LongTensor]:
     """The first `per_image` captions of every image (the COCO 5k protocol) and, for each caption,
     the index of its image: (n_texts,)."""
@@ -495,11 +502,8 @@ class TrainLoader:
         # numpy gathers: torch's CPU advanced indexing was ~20x slower here
         # (b, S, S, 3) -> (b, 3, S, S), channels-last memory
         x = torch.from_numpy(self.images[images]).permute(0, 3, 1, 2)
-        tokens = self.tokens[captions]                                 # (b, context_length)
-        # cut after the longest caption: the text tower is causal and the FDT ignores pads, so
-        # trailing pads change nothing but the cost (shapes captions: ~12 of 32 positions)
-        longest = int((tokens != PAD).sum(axis=1).max())
-        return x, torch.from_numpy(tokens[:, :longest].astype(np.int64))
+        tokens = torch.from_numpy(self.tokens[captions].astype(np.int64))  # (b, context_length)
+        return x, trim_pads(tokens)
 
     def stream(self, step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches from global step `step` on, epoch after epoch, without end."""

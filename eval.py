@@ -38,10 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib import benchmarks
 import data
-from lib import figures
-from lib import shapes
+from lib import benchmarks, figures, shapes
 from lib.metrics import (TEMPLATES, active_tokens, as_image_tensor, binding_accuracy, embed_images,
                          embed_texts, heldout_accuracy, linear_probe, marginal_probs,
                          retrieval_metrics, topk_accuracy, zeroshot_accuracy, zeroshot_classifier)
@@ -323,7 +321,14 @@ def refuse_overlap(ckpt, source, root, split, allow):
                          "--data coco), or pass --allow-overlap")
 
 
-def write_json(path, record):
+def need_shapes(root, why):
+    """Refuse a folder without a shapes world (a COCO folder: its images have no "objects")."""
+    if not shapes.ready(root):
+        raise SystemExit(f"error: {why}, and {root} holds no shapes world (no shapes.json): pass "
+                         "the --data-dir of one (`python -m lib.shapes --root DIR` makes one)")
+
+
+def save_results(path, record):
     """The results, already printed, saved next to the checkpoint; a folder that cannot be written
     ends the run with one line and exit code 1, the printed results being all there is."""
     try:
@@ -350,7 +355,7 @@ def run_retrieval(args):
         print(f"{label:>13} " + " ".join(f"{m[f'{name}_r{k}']:6.1f}" for k in (1, 5, 10)))
     active = "".join(f" | {k} {m[k]:.1f}" for k in ("active_image", "active_text") if k in m)
     print(f"{'rsum':>13} {m['rsum']:6.1f}{active}")
-    write_json(Path(args.ckpt).parent / f"retrieval_{args.split}.json",
+    save_results(Path(args.ckpt).parent / f"retrieval_{args.split}.json",
                {"checkpoint": str(args.ckpt), "data": source, "root": str(root),
                 "split": args.split, **m})
 
@@ -381,17 +386,14 @@ def run_zeroshot(args):
     print(f"{'':>26} {'top-1':>6} {'top-5':>6}")
     for name, (top1, top5) in rows.items():
         print(f"{name:>26} {top1:6.1f} " + ("" if top5 is None else f"{top5:6.1f}"))
-    write_json(Path(args.ckpt).parent / f"zeroshot_{args.dataset}.json",
+    save_results(Path(args.ckpt).parent / f"zeroshot_{args.dataset}.json",
                {"checkpoint": str(args.ckpt), "dataset": args.dataset, "root": str(root), **m})
 
 
 def run_binding(args):
     ckpt, model, tokenizer = load(args)
     source, root = data_source(ckpt, "shapes", args.data_dir)
-    if not shapes.ready(root):  # e.g. a COCO folder: its images have no "objects" to edit
-        raise SystemExit(f"error: binding tests the shapes world's scenes, and {root} holds no "
-                         "shapes world (no shapes.json): pass the --data-dir of one (`python -m "
-                         "lib.shapes --root DIR` makes one)")
+    need_shapes(root, "binding tests the shapes world's scenes")
     with data.clear_errors():
         caption_set = data.load_split(source, root, "val", model.config.image_size)
     m = evaluate_binding(model, tokenizer, caption_set, args.device)
@@ -401,23 +403,21 @@ def run_binding(args):
     for kind in tests:
         print(f"{kind:>15} {m[f'bind_{kind}']:6.1f}  ({len(tests[kind][0])} images; e.g. "
               f"\"{tests[kind][1][0]}\" vs \"{tests[kind][2][0]}\")")
-    write_json(Path(args.ckpt).parent / "binding.json",
+    save_results(Path(args.ckpt).parent / "binding.json",
                {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
 def run_probe(args):
     ckpt, model, tokenizer = load(args)
     _, root = data_source(ckpt, "shapes", args.data_dir)
-    if not shapes.ready(root):
-        raise SystemExit(f"error: the probes read the shapes world's labels, and {root} holds no "
-                         "shapes world (no shapes.json): pass the --data-dir of one")
+    need_shapes(root, "the probes read the shapes world's labels")
     with data.clear_errors():
         m = evaluate_shapes_probe(model, root, model.config.image_size, args.device, args.n_train)
-    print(f"linear probes of the image embedding: fitted on {args.n_train} training images, scored "
-          "on the single objects of the zero-shot split (chance 12.5 %)")
+    print(f"linear probes of the image embedding: fitted on up to {args.n_train} training "
+          "images, scored on the single objects of the zero-shot split (chance 12.5 %)")
     for task in ("shape", "colour"):
         print(f"{task:>8} {m[f'probe_{task}']:6.1f}")
-    write_json(Path(args.ckpt).parent / "probe.json",
+    save_results(Path(args.ckpt).parent / "probe.json",
                {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
@@ -434,7 +434,7 @@ def run_sugarcrepe(args):
     for category in benchmarks.SUGARCREPE + ["mean"]:
         n = f" ({len(items[category])} items)" if category in items else ""
         print(f"{category:>12} {m[category]:6.1f}{n}")
-    write_json(Path(args.ckpt).parent / "sugarcrepe.json", {"checkpoint": str(args.ckpt), **m})
+    save_results(Path(args.ckpt).parent / "sugarcrepe.json", {"checkpoint": str(args.ckpt), **m})
 
 
 def run_inspect(args):

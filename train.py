@@ -559,10 +559,16 @@ def run(args, device, rank, world_size):
     def check_losses():
         """Stop on a non-finite loss, read here (before logging and checkpoints) rather than every
         step, where the host would wait for the device: a NaN can reach the weights, never a
-        checkpoint."""
+        checkpoint. Every process calls it at the same steps, and all stop if one must (the
+        others would wait for it in the next all-reduce)."""
         values = torch.stack([value for _, value in losses]).tolist() if losses else []
         bad = [(s, v) for (s, _), v in zip(losses, values) if not math.isfinite(v)]
         losses.clear()
+        if world_size > 1:
+            flag = torch.tensor(float(bool(bad)), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not bad:
+                raise SystemExit("stopped: another process had a non-finite loss")
         if bad:
             raise SystemExit(f"stopped: non-finite loss ({bad[0][1]}) at step {bad[0][0]}; " + (
                 f"the last good checkpoint is {ckpt_path} (step {saved})" if saved is not None
@@ -635,6 +641,7 @@ def run(args, device, rank, world_size):
                               + " | ".join(f"{k} {v:.1f}" for k, v in last_eval.items()))
                 if world_size > 1:
                     dist.barrier()
+                saved = step                          # by rank 0, for every rank
         if stopped and step < total_steps:   # after the last step the run is complete
             check_losses()
             if master:

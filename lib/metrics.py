@@ -65,13 +65,9 @@ def embed_images(model, images_uint8, device, batch_size=256, return_weights=Fal
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts, device, batch_size=1024, return_weights=False):
     """list of N strings -> L2-normalised (N, D) on `device` [and the FDT weights (N, n_fdt)].
-    Each batch is cut after its longest text: the text tower is causal and the FDT ignores pads, so
-    trailing pads change nothing but the cost
-    (tests/test_model.py::test_text_features_ignore_padding)."""
-    def encode(a):
-        ids = tokenizer.encode(texts[a:a + batch_size])                      # (b, context_length)
-        return ids[:, :int((ids != data.PAD).sum(dim=1).max())]              # (b, longest)
-    batches = (encode(a) for a in range(0, len(texts), batch_size))
+    Each batch is cut after its longest text (data.trim_pads)."""
+    batches = (data.trim_pads(tokenizer.encode(texts[a:a + batch_size]))
+               for a in range(0, len(texts), batch_size))
     return _encode_all(model.encode_text, batches, device, return_weights)
 
 

@@ -51,9 +51,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import data  # noqa: E402
-from lib import shapes  # noqa: E402
 import fdt  # noqa: E402
-from lib import fdt_fast  # noqa: E402
+from lib import fdt_fast, shapes  # noqa: E402
 from model import CLIP, PRESETS, contrastive_loss  # noqa: E402
 
 # dense bf16 tensor-core peak in TFLOP/s (vendors' data sheets), by GPU name, for the MFU;
