@@ -1,5 +1,5 @@
 """Shared by every test file: nothing may reach the network (127.0.0.1 is allowed); a folder
-can be made read-only."""
+can be made read-only; a small shapes world per test module."""
 
 import builtins
 import errno
@@ -9,6 +9,8 @@ import socket
 from pathlib import Path
 
 import pytest
+
+from lib import shapes
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +48,11 @@ def read_only(monkeypatch):
     monkeypatch.setattr(io, "open", open_)
     monkeypatch.setattr(os, "mkdir", mkdir)
     return lambda folder: folders.append(Path(folder).resolve())
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    """A small shapes world, one per test module: 192 training images (6 steps an epoch at
+    batch 32), 30 for validation, one zero-shot image per pair."""
+    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30,
+                          n_test_per_pair=1)

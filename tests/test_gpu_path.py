@@ -23,12 +23,6 @@ from model import CLIP, PRESETS, contrastive_loss
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30,
-                          n_test_per_pair=1)
-
-
 def flags(root, out, *extra):
     return ["--data-dir", str(root), "--out", str(out), "--batch-size", "32", "--warmup", "2",
             "--device", "cpu", *extra]

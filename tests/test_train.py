@@ -12,18 +12,11 @@ import pytest
 import torch
 
 import data
-from lib import shapes
 import train
 from model import CLIP, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6  # 192 train images / batch 32
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    return shapes.prepare(tmp_path_factory.mktemp("shapes"), n_train=192, n_val=30,
-                          n_test_per_pair=1)
 
 
 def flags(root, out, *extra):
