@@ -8,7 +8,8 @@
 #   mocov2     the paper's augmentation on the GPU, with 2 loader threads
 #   compile    --compile, with graph breaks logged (the count is in the table)
 #   paper      --recipe paper (base, fp32 with TF32, 224 px cache) for 5 steps at batch 64
-#   ddp nccl   torchrun on 2 GPUs, 20 steps (only where there are two)
+#   ddp nccl   torchrun on 2 GPUs, 20 steps of the tiny preset (its stem's BatchNorm sums its
+#              statistics over the processes; only where there are two GPUs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=runs/gpu-check
@@ -38,7 +39,7 @@ check compile env TORCH_LOGS=graph_breaks python train.py --preset small --compi
     --device cuda --out $out/compile
 check paper python train.py --recipe paper --batch-size 64 --steps 5 --device cuda --out $out/paper
 if [[ $(python -c "import torch; print(torch.cuda.device_count())") -ge 2 ]]; then
-    check "ddp nccl" torchrun --standalone --nproc_per_node=2 train.py --preset small --steps 20 \
+    check "ddp nccl" torchrun --standalone --nproc_per_node=2 train.py --preset tiny --steps 20 \
         --batch-size 64 --out $out/ddp
 fi
 
