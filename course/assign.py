@@ -245,26 +245,31 @@ def grade(folder, names):
 # re-deriving the graders
 
 def local_imports(path, modules):
-    """The project modules a file imports at its top level (a test's fixtures reach the rest
-    through them)."""
+    """The project modules (dotted names, e.g. "lib.metrics") a file imports at its top level (a
+    test's fixtures reach the rest through them)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            # `from lib import metrics` imports the module lib.metrics; `from lib.metrics import f`
+            # the module lib.metrics
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
     return found & modules
 
 
 def tests_reaching(root, module):
     """The test files whose imports reach `module`: only they can fail when it is stubbed."""
-    modules = {p.stem for p in root.glob("*.py")}
-    graph = {m: local_imports(root / f"{m}.py", modules) for m in modules}
+    files = [p for p in root.glob("*.py")] + [p for d in ("lib", "tools", "course")
+                                              for p in (root / d).glob("*.py")]
+    paths = {p.relative_to(root).with_suffix("").as_posix().replace("/", "."): p for p in files
+             if p.name != "__init__.py"}
+    graph = {m: local_imports(p, set(paths)) for m, p in paths.items()}
 
     def reaches(m, seen=()):
         return m == module or any(reaches(n, seen + (m,)) for n in graph[m] if n not in seen)
     return sorted(f"tests/{t.name}" for t in (root / "tests").glob("test_*.py")
-                  if any(reaches(m) for m in local_imports(t, modules)))
+                  if any(reaches(m) for m in local_imports(t, set(paths))))
 
 
 def summarise(failed, all_ids):
