@@ -502,8 +502,10 @@ class TrainLoader:
         # numpy gathers: torch's CPU advanced indexing was ~20x slower here
         # (b, S, S, 3) -> (b, 3, S, S), channels-last memory
         x = torch.from_numpy(self.images[images]).permute(0, 3, 1, 2)
-        tokens = torch.from_numpy(self.tokens[captions].astype(np.int64))  # (b, context_length)
-        return x, trim_pads(tokens)
+        tokens = self.tokens[captions]                                 # (b, context_length)
+        # trim_pads in numpy: the loader runs no torch op a training step could wait for
+        longest = int((tokens != PAD).sum(axis=1).max())
+        return x, torch.from_numpy(tokens[:, :longest].astype(np.int64))
 
     def stream(self, step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches from global step `step` on, epoch after epoch, without end."""
