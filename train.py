@@ -72,7 +72,7 @@ DEFAULTS = dict(
     fdt_temperature=None,
     logit_scale_init=None,
     word_loss=1.0,          # weight of model.word_loss, the image predicting its caption's words:
-                            # it makes the image tower learn shape (results/README.md)
+                            # CLIP+FDT binds shape and retrieves better with it (results/README.md)
     augment=None,           # None: none for shapes (its captions say where things are: a crop
                             # would move them), crop otherwise
     batching="grouped",     # grouped: a shapes scene and its edits share a batch (lib/shapes.py)

@@ -6,7 +6,7 @@
 
 Every run is `python train.py` with its defaults (the tiny preset on the shapes world) and only the
 flags listed below changed, so the runs differ in nothing else. Runs go two at a time with one
-thread each, in the order below: the seeded comparison first, then the ablations.
+thread each, in the order of `planned_runs`.
 """
 
 import argparse
