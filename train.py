@@ -53,7 +53,7 @@ DEFAULTS = dict(
     data_dir=None,          # None: data/<data>
     preset="tiny",          # tiny (CPU, 64 px), small (one GPU, 128 px), base (ViT-B/32, 224 px)
     model="fdt",            # fdt: CLIP+FDT; clip: the same towers with a projection head
-    epochs=6,               # 936 steps on shapes: shape needs them (results/README.md)
+    epochs=11,              # 1716 steps on shapes: shape needs them (results/README.md)
     steps=None,             # total optimiser steps; None: epochs x steps per epoch
     batch_size=128,         # global, over all processes
     lr=1e-3,                # peak learning rate
@@ -80,7 +80,7 @@ DEFAULTS = dict(
     out=None,               # None: runs/<data>-<model>-<preset>
     device=None,            # None: cuda when there is one
     workers=0,              # data loader read-ahead threads
-    eval_every=2,           # checkpoint and evaluate every N epochs (and at the end)
+    eval_every=6,           # checkpoint and evaluate every N epochs (and at the end)
 )
 PAPER = dict(preset="base", epochs=32, batch_size=1024, warmup=2500, warmup_from=1e-4,
              grad_clip=0.0, logit_scale_min=3.0, logit_scale_max=6.0, freeze_patch_embed=True,
