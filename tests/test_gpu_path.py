@@ -155,7 +155,7 @@ def test_tf32_on_cuda_and_a_long_ddp_timeout(monkeypatch):
     checkpoints and evaluates while the others wait (NCCL's default is 10 minutes)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(train, "pick_device", lambda name: torch.device(name))  # no GPU needed
+    monkeypatch.setattr("lib.flags.pick_device", lambda name: torch.device(name))  # no GPU needed
     train.setup_processes(train.parse_args(["--device", "cuda"]))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
