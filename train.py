@@ -14,7 +14,6 @@ flags, lib/run_folder.py guards the run folder (lock, resume, Ctrl-C, non-finite
 """
 
 import argparse
-import json
 import math
 import os
 import time
