@@ -6,11 +6,11 @@
     torchrun --nproc_per_node=8 train.py --data coco --data-dir data/coco --recipe paper
 
 Every default is in DEFAULTS, what `--recipe paper` changes in PAPER; then the command line, the
-pieces of a step, the set-up and the loop (`train`), in the order of a step: the learning rate, the
-forward pass under autocast, the contrastive loss over the global batch, backward, clipping, the
-AdamW step, logging, then a checkpoint and an evaluation every --eval-every epochs. Resume is exact,
-and N processes compute what one would. The guard rails sit one call away: lib/flags.py checks the
-flags, lib/run_folder.py guards the run folder (lock, resume, Ctrl-C, non-finite losses).
+pieces of a step, the set-up and the loop (`train`) in the order of a step: the learning rate, the
+forward pass under autocast, the loss over the global batch, backward, clipping, the AdamW step,
+logging, then a checkpoint and an evaluation every --eval-every epochs. Resume is exact; N processes
+compute what one would. The guard rails sit one call away, in lib/flags.py (the flags) and
+lib/run_folder.py (its lock, resume, Ctrl-C and SIGTERM, non-finite losses).
 """
 
 import argparse
@@ -39,10 +39,9 @@ from model import CLIP, PRESETS, contrastive_loss, save_checkpoint, word_loss
 
 # -----------------------------------------------------------------------------
 # every default, in one place. DEFAULTS trains the tiny model on the shapes world on a 2-core CPU;
-# PAPER is what `--recipe paper` changes: the official FDT configuration (github
-# yuxiaochen1103/FDT, example/clip_fdt/config_cc3m.yaml and train_solver.py). A flag given on the
-# command line wins over both. Model sizes are named presets (model.PRESETS); the FDT settings
-# that are None here keep the preset's value.
+# PAPER is what `--recipe paper` changes: the official FDT configuration (github yuxiaochen1103/FDT,
+# example/clip_fdt/config_cc3m.yaml and train_solver.py). A flag given on the command line wins
+# over both. Model sizes are named presets (model.PRESETS); FDT settings left None: the preset's.
 
 DEFAULTS = dict(
     data="shapes",          # shapes: generated on first use; coco: COCO 2017; karpathy: its splits
@@ -88,7 +87,7 @@ LOG_EVERY = 10              # steps between logs, loss checks and the processes 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add, on_off = p.add_argument, argparse.BooleanOptionalAction
-    add("--recipe", choices=["default", "paper"], default="default", help="PAPER: the official")
+    add("--recipe", choices=["default", "paper"], default="default", help="paper: the official one")
     add("--data", choices=["shapes", "coco", "karpathy"])
     add("--data-dir", help="dataset root")
     add("--preset", choices=sorted(PRESETS), help="model size (model.PRESETS)")
@@ -259,11 +258,8 @@ def setup(args, device, rank, world_size):
     # first six steps' gradients overflow and are skipped (the tiny preset on shapes)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=args.amp == "fp16")
     total_steps = args.steps or args.epochs * len(loader)
-    fingerprint = run_folder.data_fingerprint(train_set, Path(args.data_dir))
-    settings = run_folder.run_settings(args, config) | {"total_steps": total_steps,
-                                                        "train_data": fingerprint}
-    step = 0 if ckpt is None else run_folder.resume(ckpt, settings, args, raw_model, optimizer,
-                                                      scaler)
+    settings = run_folder.run_settings(args, config, total_steps, train_set)
+    step = run_folder.resume(ckpt, settings, args, raw_model, optimizer, scaler) if ckpt else 0
     model = torch.compile(raw_model) if args.compile else raw_model
     if world_size > 1:
         model = DistributedDataParallel(
@@ -321,10 +317,10 @@ def main(argv=None):
 
 def train(run, step):
     """The loop, from `step` to run.total_steps; returns the last evaluation's metrics."""
-    args, model, raw_model, optimizer, scaler = (run.args, run.model, run.raw_model, run.optimizer,
-                                                 run.scaler)
-    device, rank, world_size, total_steps = run.device, run.rank, run.world_size, run.total_steps
-    master, ckpt_path, steps_per_epoch = rank == 0, Path(args.out) / "ckpt.pt", len(run.loader)
+    args, model, raw_model, optimizer = run.args, run.model, run.raw_model, run.optimizer
+    scaler, device, rank, world_size = run.scaler, run.device, run.rank, run.world_size
+    total_steps, steps_per_epoch = run.total_steps, len(run.loader)
+    master, ckpt_path = rank == 0, Path(args.out) / "ckpt.pt"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
     last_eval = run_folder.last_evaluation(run.history, step)
     t_last, samples_since, stopped = time.time(), 0, 0
@@ -341,8 +337,7 @@ def train(run, step):
                 group["lr"] = lr
             if device.type == "cuda":  # pinned: the copies below do not wait for the GPU to finish
                 images, tokens = images.pin_memory(), tokens.pin_memory()
-            # .contiguous(): the loader's channels-last batches would make the conv weight
-            # gradients channels-last, which DDP copies into its buckets every step
+            # .contiguous(): channels-last batches make channels-last conv gradients, copied by DDP
             images = images.to(device, non_blocking=True).contiguous()
             images = augment.apply(images, args.augment, args.seed, step, args.batch_size,
                                    run.loader.local)

@@ -5,6 +5,7 @@ calls these at its edges; a reader can skip this file and lose nothing of the me
 
     check_paths       --out and --data-dir mistakes, a folder that already holds a run
     locked            an exclusive lock on <out>/lock while the run lasts
+    write_config      <out>/config.json: the resolved flags and the model configuration
     resume_point      the checkpoint to resume, its tokenizer and history, checked before the data
     resume            checked again with the data, then the weights and optimiser restored
     run_settings      every setting that changes the result, stored in each checkpoint
@@ -12,6 +13,7 @@ calls these at its edges; a reader can skip this file and lose nothing of the me
     check_resumable   every setting that differs from the checkpoint's, named at once
     read_history      metrics.jsonl up to the checkpoint; a damaged line stops the resume
     write_history     metrics.jsonl and curves.png, written after every checkpoint
+    last_evaluation   what a resumed, already finished run reports
     Stops             Ctrl-C and SIGTERM after the current step, processes agreeing on a stop,
                       non-finite losses, a failed or interrupted evaluation
 """
@@ -122,9 +124,13 @@ def resume(ckpt, settings, args, model, optimizer, scaler):
     return ckpt["step"]
 
 
-def run_settings(args, config):
-    """Every setting that changes the result and needs no data: a resumed run must have the same
-    ones (and the same total_steps and train_data, added once the data is read)."""
+def run_settings(args, config, total_steps=None, train_set=None):
+    """Every setting that changes the result: a resumed run must have the same ones. Before the data
+    is read, those that need none; then the schedule's length and the training split's fingerprint
+    too (total_steps, train_set)."""
+    known = {} if train_set is None else {
+        "total_steps": total_steps,
+        "train_data": data_fingerprint(train_set, Path(args.data_dir))}
     return {"model": asdict(config), "data": args.data,
             "data_dir": str(Path(args.data_dir).resolve()),
             "batch_size": args.batch_size, "seed": args.seed, "lr": args.lr, "warmup": args.warmup,
@@ -132,7 +138,7 @@ def run_settings(args, config):
             "grad_clip": args.grad_clip,
             "logit_scale_min": args.logit_scale_min, "logit_scale_max": args.logit_scale_max,
             "freeze_patch_embed": args.freeze_patch_embed, "amp": args.amp, "augment": args.augment,
-            "batching": args.batching, "word_loss": args.word_loss}
+            "batching": args.batching, "word_loss": args.word_loss, **known}
 
 
 def data_fingerprint(cs, root):
