@@ -3,7 +3,6 @@
     crop      a mild random resized crop (area 0.6-1), never flipped (captions say left and right)
     mocov2    MoCo v2's augmentation, the official FDT recipe's: crop 0.2-1, colour jitter,
               grayscale, blur, horizontal flip
-
     apply     what train.py calls: --augment's kind, with its random numbers drawn per step
 
 The random numbers come in as uniforms (one row per image), drawn by `apply` for the global batch
