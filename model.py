@@ -52,7 +52,7 @@ class ModelConfig:
     embed_dim: int = 128          # the joint space; also the FDT token dimension (d_fdt)
     # official: 16384 (the base preset); 1024 keeps the tiny model fast on CPU
     n_fdt: int = 1024
-    # official: nearly all tokens active; T = 30 keeps ~50 of 1024; T = 1 one, and nothing trains
+    # official: nearly all tokens active; T = 30 keeps ~36 of 1024; T = 1 one, and nothing trains
     fdt_temperature: float = 1000.0
     fdt_activation: str = "sparsemax"  # "softmax" is the paper's ablation
     # lib/fdt_fast.py's exact, faster kernels; False trains fdt.py as written

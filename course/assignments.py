@@ -12,9 +12,9 @@ TRAINING = ["tests/test_train.py::test_ddp_two_processes_equal_one",
             "tests/test_train.py::test_non_finite_loss_stops_and_keeps_last_good_checkpoint",
             "tests/test_train.py::test_recipe_mechanics_frozen_stem_clamp_and_no_clipping",
             "tests/test_train.py::test_resume_after_ctrl_c_is_exact",
-            "tests/test_faults.py::test_second_run_on_the_same_folder_refused"]
+            "tests/test_run_folder.py::test_second_run_on_the_same_folder_refused"]
 # trains; eval fails on purpose
-TRAINING_NO_EVAL = ["tests/test_faults.py::test_evaluation_error_keeps_the_checkpoint"]
+TRAINING_NO_EVAL = ["tests/test_run_folder.py::test_evaluation_error_keeps_the_checkpoint"]
 # every user of the `trained` fixture
 TRAINED_MODEL = [f"tests/test_eval.py::{t}" for t in (
     "test_binding_tests_and_cli", "test_classifier_is_the_normalised_template_mean",

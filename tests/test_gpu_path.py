@@ -156,7 +156,7 @@ def test_tf32_on_cuda_and_a_long_ddp_timeout(monkeypatch):
     # conftest's restore_globals puts the flags back (monkeypatch cannot: torch serves them through
     # a module __getattr__)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    monkeypatch.setattr(train, "pick_device", lambda name: torch.device(name))  # no GPU needed
+    monkeypatch.setattr("lib.flags.pick_device", lambda name: torch.device(name))  # no GPU needed
     train.setup_processes(train.parse_args(["--device", "cuda"]))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
