@@ -88,7 +88,8 @@ def test_ddp_two_processes_equal_one(shapes_root, tmp_path):
     for run in ("one", "two"):
         records = [json.loads(line)
                    for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        logged[run] = [(r["loss"], r["grad_norm"], r["lr"]) for r in records if r["kind"] == "train"]
+        logged[run] = [(r["loss"], r["grad_norm"], r["lr"])
+                       for r in records if r["kind"] == "train"]
     assert len(logged["one"]) == 1   # step 1
     (loss_one, norm_one, lr), (loss_two, norm_two, _) = logged["one"][0], logged["two"][0]
     assert loss_one == pytest.approx(loss_two, rel=1e-5)
