@@ -116,7 +116,7 @@ def parse_args(argv):
     add("--seed", type=number(int, 0, 2**32 - 1))
     add("--out", help="run folder")
     add("--resume", action="store_true", help="continue from <out>/ckpt.pt with the same settings")
-    add("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+    add("--overwrite", action="store_true", help="start afresh in an --out with a run or files")
     add("--extend", action="store_true", help="with --resume: another length than the checkpoint's "
         "(the schedule is recomputed: the result differs from a run of that length)")
     add("--device", help="cpu, cuda, cuda:1 ...")
@@ -195,6 +195,8 @@ def setup_processes(args):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(hours=1))
     flags.check_batch(args.batch_size, world_size)
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    flags.check_amp(args.amp, device)
     return device, rank, world_size
 
 
@@ -242,8 +244,6 @@ class Run:
 def setup(args, device, rank, world_size):
     """-> (Run, the step to start at). The checkpoint to resume is checked before any data is read
     (a wrong flag costs seconds, not a cache build); then the data, the model and its optimiser."""
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    flags.check_amp(args.amp, device)
     ckpt, tokenizer, history = None, None, []
     if args.resume:
         ckpt, tokenizer, history = run_folder.resume_point(args, model_config)

@@ -98,13 +98,15 @@ def pick_device(name):
 def check_batch(batch_size, world_size):
     """The global batch is split evenly over the processes."""
     if batch_size % world_size:
-        raise SystemExit(f"--batch-size {batch_size} is not divisible by {world_size} processes")
+        raise SystemExit(f"error: --batch-size {batch_size} is not divisible by {world_size} "
+                         "processes; pass a multiple of it")
 
 
 def check_amp(amp, device):
     """fp16 needs a GradScaler on CUDA; a CPU has bf16 autocast or none."""
     if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
+        raise SystemExit(f"error: --amp fp16 needs CUDA, and --device is {device}; "
+                         "use --amp bf16 or --amp off")
 
 
 def warn_warmup(args, total_steps, lr_at):
@@ -125,10 +127,10 @@ def data_source(ckpt, source=None, root=None):
     source = source or trained.get("source")
     root = root or (trained.get("root") if source == trained.get("source") else None)
     if source is None:
-        raise SystemExit("the checkpoint does not say which data it was trained on: "
+        raise SystemExit("error: the checkpoint does not say which data it was trained on: "
                          "pass --data and --data-dir")
     if root is None:
-        raise SystemExit(f"the checkpoint was trained on {trained.get('source')}, not {source}: "
+        raise SystemExit(f"error: the checkpoint was trained on {trained.get('source')}, not {source}: "
                          "pass --data-dir")
     return source, Path(root)
 

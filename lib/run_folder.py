@@ -3,7 +3,8 @@ over another's work, a resumed run is the run it continues, and a run that stops
 SIGTERM, a non-finite loss, a failed evaluation) leaves a checkpoint to go on from. train.py's loop
 calls these at its edges; a reader can skip this file and lose nothing of the method.
 
-    check_paths       --out and --data-dir mistakes, a folder that already holds a run
+    check_paths       --out and --data-dir mistakes, a folder that already holds a run or
+                      files no run wrote
     locked            an exclusive lock on <out>/lock while the run lasts
     write_config      <out>/config.json: the resolved flags and the model configuration
     resume_point      the checkpoint to resume, its tokenizer and history, checked before the data
@@ -22,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -39,7 +41,8 @@ from model import load_checkpoint, load_weights
 def check_paths(args):
     """Mistakes in --out and --data-dir, each refused in one line before anything is read or
     written. A run folder that holds a checkpoint is only continued (--resume) or, when asked,
-    replaced (--overwrite): starting afresh in it would overwrite ckpt.pt and metrics.jsonl."""
+    replaced (--overwrite): starting afresh in it would overwrite ckpt.pt and metrics.jsonl. One
+    that holds files no run wrote is refused too, unless --overwrite: they may be the user's."""
     out, root = Path(args.out), Path(args.data_dir)
     if root.exists() and not root.is_dir():
         raise SystemExit(f"error: --data-dir {root} is a file; pass the dataset's folder")
@@ -48,12 +51,47 @@ def check_paths(args):
         where = "is a file" if existing == out else f"is under {existing}, which is a file"
         raise SystemExit(f"error: --out {out} {where}; pass a folder for the run")
     ckpt_path = out / "ckpt.pt"
+    foreign = [] if args.overwrite or not out.is_dir() else not_a_runs(out)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                           else "")
+        raise SystemExit(f"error: --out {out} holds {listed}, which no run wrote: pass a new or "
+                         "empty folder (--overwrite writes the run into it anyway, replacing "
+                         f"any of {', '.join(RUN_FILES)})")
     if args.resume and not ckpt_path.exists():
         raise SystemExit(f"error: --resume: there is no checkpoint at {ckpt_path}; "
                          "check --out, or start the run without --resume")
     if ckpt_path.exists() and not (args.resume or args.overwrite):
         raise SystemExit(f"error: {out} already holds a run (its checkpoint {ckpt_path}): continue "
                          "it with --resume, or pass another --out (--overwrite replaces it)")
+
+
+RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl", "curves.png", "lock")
+
+
+def not_a_runs(out):
+    """What in a run folder no run wrote: anything but the files a run writes, their temporaries
+    and eval.py's results. Without a checkpoint, only an empty lock and a run's config.json are a
+    run's (a run stopped before its first checkpoint): a metrics.jsonl or a config.json of one's
+    own would be overwritten by a new run."""
+    ours = re.compile(r"(ckpt\.pt|config\.json|metrics\.jsonl|curves\.png)(\.tmp\d*)?|lock"
+                      r"|(retrieval|zeroshot|binding|probe|sugarcrepe)\w*\.json|inspect")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                   if not ours.fullmatch(p.name))
+    if not (out / "ckpt.pt").is_file():
+        found += [name for name in ("metrics.jsonl", "curves.png") if (out / name).exists()]
+        found += [] if is_run_config(out / "config.json") else ["config.json"]
+    return sorted(set(found))
+
+
+def is_run_config(path):
+    """Whether path is missing or a config.json that write_config wrote."""
+    if not path.exists():
+        return True
+    try:
+        return set(json.loads(path.read_bytes())) == {"args", "model", "world_size"}
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def lock_exclusively(handle):
@@ -143,13 +181,21 @@ def run_settings(args, config, total_steps=None, train_set=None):
 
 def data_fingerprint(cs, root):
     """What a resumed run must find again in its training split: its image files (names within
-    the data folder, sizes) and its captions, each as a short hash."""
+    the data folder, sizes, modification times: an image rewritten in place) and its captions,
+    each as a short hash."""
     def digest(obj):
         return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:16]
+    stats = [os.stat(f) for f in cs.image_files]
     return {"images": len(cs.image_files),
             "file names": digest([os.path.relpath(f, root) for f in cs.image_files]),
-            "file sizes": digest([os.path.getsize(f) for f in cs.image_files]),
+            "file sizes": digest([st.st_size for st in stats]),
+            "file times": digest([st.st_mtime_ns for st in stats]),
             "captions": digest(cs.captions)}
+
+
+CHANGES = {"file names": "other file names", "file sizes": "other file sizes",
+           "file times": "images rewritten (other modification times)",
+           "captions": "other captions"}
 
 
 def check_resumable(ckpt, settings, extend):
@@ -158,17 +204,19 @@ def check_resumable(ckpt, settings, extend):
     stored = ckpt.get("settings", {})
     diffs = []
     for key, now in settings.items():
+        if key == "data_dir" and "train_data" in stored:
+            continue    # a moved data folder: its fingerprint (train_data) decides, checked below
         if key == "model":
             # fast_fdt may differ: both kernels compute the same (tests/test_train.py)
             diffs += [f"model.{k}: checkpoint {stored.get('model', {}).get(k)!r}, now {v!r}"
                       for k, v in now.items() if stored.get("model", {}).get(k) != v
                       and k != "fast_fdt"]
         elif key == "train_data":   # checkpoints written before it was recorded have none
-            changed = [k for k in now if key in stored and stored[key].get(k) != now[k]]
+            changed = [k for k in now if k in stored.get(key, {}) and stored[key][k] != now[k]]
             if changed:
                 diffs.append("train_data: the training split changed since the checkpoint: "
                              + ", ".join(f"images {stored[key][k]} -> {now[k]}" if k == "images"
-                                         else f"other {k}" for k in changed))
+                                         else CHANGES[k] for k in changed))
         elif stored.get(key) != now and not (key == "total_steps" and extend):
             hint = " (pass --extend to train for another length)" if key == "total_steps" else ""
             diffs.append(f"{key}: checkpoint {stored.get(key)!r}, now {now!r}{hint}")
