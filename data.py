@@ -288,20 +288,22 @@ def _decode_or_error(path: Path, size: int) -> tuple[np.ndarray | None, str | No
 
 def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     """(N, size, size, 3) uint8 memmap of the decoded images at `cache`.npy, (re)built when the
-    images or the resolution changed. The array is written under a temporary name and renamed, and
-    `cache`.json, which says what it holds, is written after it: a half-written cache is never used.
+    images or the resolution changed, or when it is damaged. The array is written under a temporary
+    name and renamed, and `cache`.json, which says what it holds, is written after it: a
+    half-written cache is never used. A disk without room for it is said before decoding.
     Missing and unreadable images are named all at once, after every image was tried."""
     fingerprint, found, missing, unreadable = data_checks.check_images(files, cache.parent)
     meta = {"fingerprint": fingerprint, "image_size": size, "count": len(files)}
     array, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
-    if (len(found) == len(files) and meta_file.exists() and array.exists()
-            and data_checks.read_json(meta_file) == meta):
-        return np.load(array, mmap_mode="r")
+    shape = (len(files), size, size, 3)
+    if len(found) == len(files) and (images := data_checks.whole_cache(array, meta_file, meta,
+                                                                      shape)) is not None:
+        return images
     tmp = array.with_name(f"{array.name}.tmp{os.getpid()}")
+    data_checks.check_space(cache.parent, np.prod(shape) + 4096, f"the image cache {array}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(files), size, size, 3))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
     except OSError as e:
         raise data_checks.unwritable_cache(array, e, missing, unreadable, len(files)) from None
     data_checks.remove_stale(cache)
@@ -433,11 +435,14 @@ def write_atomic(path: Path, text: str):
     any moment) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk: no temporary left behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj):

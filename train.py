@@ -265,7 +265,7 @@ def setup(args, device, rank, world_size):
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
-        run_folder.write_config(Path(args.out), args, config, world_size)
+        run_folder.write_config(Path(args.out), args, raw_model, world_size)
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.model} | preset {args.preset} | {n_params / 1e6:.2f}M parameters "
               f"| {device} x {world_size} | amp {args.amp} | {len(train_set.images)} images "
@@ -281,11 +281,12 @@ def setup(args, device, rank, world_size):
 def checkpoint(run, step):
     """The weights, optimiser and everything needed to resume, then the history up to here."""
     args = run.args
-    save_checkpoint(Path(args.out) / "ckpt.pt", run.raw_model, run.tokenizer,
-                    {"source": args.data, "root": str(Path(args.data_dir).resolve())},
-                    step=step, optimizer=run.optimizer.state_dict(),
-                    scaler=run.scaler.state_dict(), settings=run.settings)
-    run_folder.write_history(Path(args.out), run.history)
+    with run_folder.writing(Path(args.out) / "ckpt.pt"):    # a full disk: one line, not a trace
+        save_checkpoint(Path(args.out) / "ckpt.pt", run.raw_model, run.tokenizer,
+                        {"source": args.data, "root": str(Path(args.data_dir).resolve())},
+                        step=step, optimizer=run.optimizer.state_dict(),
+                        scaler=run.scaler.state_dict(), settings=run.settings)
+        run_folder.write_history(Path(args.out), run.history)
 
 
 def evaluate(run, step, stops, bar):

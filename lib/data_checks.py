@@ -9,7 +9,9 @@ where it reads; a reader can skip this file and lose nothing of the pipeline.
     check_karpathy   Karpathy's dataset_coco.json: the same
     check_images     which image files exist, and a fingerprint of what they hold
     image_problems   the lines naming every missing and unreadable image
+    whole_cache      a cache that is what its meta file says, or None: it is rebuilt
     unwritable_cache the error for a cache folder that cannot be written
+    check_space      a disk without room for what is about to be written, said before
     remove_stale     temporaries of cache builds killed by kill -9
     one_report       run every load, then raise one error naming every problem
 """
@@ -17,8 +19,11 @@ where it reads; a reader can skip this file and lose nothing of the pipeline.
 import hashlib
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
 
 
 def read_json(path: Path):
@@ -135,6 +140,34 @@ def unwritable_cache(array: Path, error: OSError, missing, unreadable, n) -> Val
         f"cannot write the image cache {array} ({error.strerror}): images are decoded once into "
         f"{array.parent}/, which must be writable (a copy of the data folder that holds its "
         "cache/ needs no writing)"]))
+
+
+def size_text(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def check_space(folder: Path, need: int, what: str):
+    """ValueError naming `what`, the space it needs and the space free, when the file system of
+    `folder` (or of its nearest existing parent) has less free: said before the work, where a full
+    disk would otherwise end it half-way (a memmap on a full disk dies of SIGBUS, unexplained)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ValueError(f"not enough space for {what}: it needs {size_text(need)}, "
+                         f"{existing} has {size_text(free)} free; free some space, or put the "
+                         "data on a larger disk")
+
+
+def whole_cache(array: Path, meta_file: Path, meta: dict, shape: tuple):
+    """The cached images (a read-only memmap) when meta_file says the cache holds `meta` and the
+    array is whole, else None: a stale, zero-byte or truncated cache is rebuilt, never read."""
+    try:
+        if read_json(meta_file) != meta:
+            return None
+        images = np.load(array, mmap_mode="r")
+    except (OSError, ValueError, EOFError):  # missing, damaged, not an array
+        return None
+    return images if images.shape == shape and images.dtype == np.uint8 else None
 
 
 def alive(pid: int) -> bool:

@@ -6,7 +6,9 @@ calls these at its edges; a reader can skip this file and lose nothing of the me
     check_paths       --out and --data-dir mistakes, a folder that already holds a run or
                       files no run wrote
     locked            an exclusive lock on <out>/lock while the run lasts
-    write_config      <out>/config.json: the resolved flags and the model configuration
+    write_config      <out>/config.json: the resolved flags and the model configuration, once
+                      there is room for a checkpoint
+    writing           a run's file that cannot be written (a full disk) as one line
     resume_point      the checkpoint to resume, its tokenizer and history, checked before the data
     resume            checked again with the data, then the weights and optimiser restored
     run_settings      every setting that changes the result, stored in each checkpoint
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -34,6 +37,7 @@ import torch.distributed as dist
 
 import data
 from lib import figures
+from lib import data_checks
 from lib.data_checks import clear_errors
 from model import load_checkpoint, load_weights
 
@@ -130,10 +134,31 @@ def locked(out):
         yield
 
 
-def write_config(out, args, config, world_size):
-    """<out>/config.json: the flags as the run resolved them and its model configuration."""
-    (out / "config.json").write_text(json.dumps(
-        {"args": vars(args), "model": asdict(config), "world_size": world_size}, indent=2))
+def write_config(out, args, model, world_size):
+    """<out>/config.json: the flags as the run resolved them and its model configuration; said
+    first, in one line, when the disk has no room for a checkpoint: the weights and AdamW's two
+    states, and the file it replaces while both exist."""
+    need = 2 * 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
+    with clear_errors():
+        data_checks.check_space(out, need, f"a checkpoint in {out}")
+    with writing(out / "config.json"):
+        data.write_json(out / "config.json", {"args": vars(args), "model": asdict(model.config),
+                                              "world_size": world_size})
+
+
+@contextmanager
+def writing(path):
+    """A failed write of a run's file (a full disk, a folder made read-only) as one line naming it
+    and the space left; the writers leave no temporary, and the previous checkpoint stays whole."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save's writer raises RuntimeError on ENOSPC
+        free = data_checks.size_text(shutil.disk_usage(path.parent).free)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        path = getattr(e, "filename", None) or path    # metrics.jsonl's or curves.png's temporary
+        raise SystemExit(f"error: cannot write {path} ({reason}); {free} free there; the previous "
+                         "checkpoint, if any, is intact: free some space and run again with "
+                         "--resume") from None
 
 
 # -----------------------------------------------------------------------------
