@@ -178,11 +178,12 @@ def _read_karpathy(json_file: Path, root: Path,
     return files, captions, entries
 
 
-def load_split(source: str, root: str | Path, split: str, image_size: int) -> CaptionSet:
+def load_split(source: str, root: str | Path, split: str, image_size: int,
+               batch_size: int = 1) -> CaptionSet:
     """source: "shapes" | "coco" (COCO 2017 layout) | "karpathy" (dataset_coco.json in root, next to
     the COCO images). split: train | val | test, or zeroshot (the shapes world's single objects).
     COCO 2017 has no public test captions, so for shapes and coco val and test both mean val2017,
-    the 5k retrieval test set."""
+    the 5k retrieval test set. A split of fewer than batch_size images is refused before caching."""
     root = Path(root)
     if split not in ("train", "val", "test", "zeroshot"):
         raise ValueError(f"unknown split {split!r}; expected train, val, test or zeroshot")
@@ -210,16 +211,17 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         files, captions, entries = _read_coco(caption_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")
-    data_checks.check(len(files) > 0, caption_file, f"the {split} split has no images")
+    data_checks.check_count(len(files), batch_size, caption_file, split)
     images = cached_images(files, root / "cache" / f"{name}_{image_size}", image_size)
     return CaptionSet(images, captions, [str(f) for f in files], entries)
 
 
-def load_splits(source: str, root: str | Path, splits: list[str], image_size: int
-                ) -> list[CaptionSet]:
-    """load_split of each split, in order. Every split is read even after one failed, and one error
-    names every problem of all of them: the data is fixed in one go, not one split per run."""
-    return data_checks.one_report([functools.partial(load_split, source, root, split, image_size)
+def load_splits(source: str, root: str | Path, splits: list[str], image_size: int,
+                batch_size: int = 1) -> list[CaptionSet]:
+    """load_split of each split in order (the first of batch_size images at least), every one read
+    even after one failed: one error names every problem of all of them, fixed in one go."""
+    return data_checks.one_report([functools.partial(load_split, source, root, split, image_size,
+                                                     batch_size if split == splits[0] else 1)
                                    for split in splits])
 
 
@@ -288,10 +290,9 @@ def _decode_or_error(path: Path, size: int) -> tuple[np.ndarray | None, str | No
 
 def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     """(N, size, size, 3) uint8 memmap of the decoded images at `cache`.npy, (re)built when the
-    images or the resolution changed, or when it is damaged. The array is written under a temporary
-    name and renamed, and `cache`.json, which says what it holds, is written after it: a
-    half-written cache is never used. A disk without room for it is said before decoding.
-    Missing and unreadable images are named all at once, after every image was tried."""
+    images or the resolution changed, or it is damaged. It is written under a temporary name and
+    renamed, then `cache`.json, which says what it holds: a half-written cache is never used. A
+    disk without room is said first; bad images all at once, after every image was tried."""
     fingerprint, found, missing, unreadable = data_checks.check_images(files, cache.parent)
     meta = {"fingerprint": fingerprint, "image_size": size, "count": len(files)}
     array, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")

@@ -33,7 +33,7 @@ import data
 import eval as evaluation
 from lib import augment, flags, run_folder, shapes
 from lib.data_checks import clear_errors
-from lib.flags import number
+from lib.flags import EXP_MAX, number
 from lib.metrics import active_tokens
 from model import CLIP, PRESETS, contrastive_loss, save_checkpoint, word_loss
 
@@ -100,8 +100,8 @@ def parse_args(argv):
     add("--warmup", type=number(int, 0), help="linear warm-up steps")
     add("--warmup-from", type=number(float, 0, 1), help="learning rate at step 0 of the warm-up")
     add("--grad-clip", type=number(float, 0), help="max gradient norm (0: off)")
-    add("--logit-scale-min", type=number(float), help="lower clamp of the log inverse temperature")
-    add("--logit-scale-max", type=number(float), help="upper clamp of the log inverse temperature")
+    add("--logit-scale-min", type=number(float, -EXP_MAX, EXP_MAX), help="lower clamp of log 1/T")
+    add("--logit-scale-max", type=number(float, -EXP_MAX, EXP_MAX), help="upper clamp of log 1/T")
     add("--freeze-patch-embed", action=on_off, help="keep the ViT's patch embedding as initialised")
     add("--amp", choices=["bf16", "fp16", "off"], help="autocast precision")
     add("--compile", action=on_off, help="torch.compile the model")
@@ -210,7 +210,8 @@ def load_data(args, tokenizer, rank, world_size):
         if rank == 0:  # rank 0 alone builds the caches: N ranks would each decode and write one
             splits = ["train", evaluation.EVAL_SPLIT[args.data]]
             splits += ["zeroshot"] if args.data == "shapes" else []
-            train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]  # checked
+            train_set = data.load_splits(args.data, root, splits, preset.image_size,
+                                         args.batch_size)[0]
         if world_size > 1:
             dist.barrier()                          # the others wait for the data and its caches
         if rank != 0:

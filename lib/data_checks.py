@@ -7,6 +7,7 @@ where it reads; a reader can skip this file and lose nothing of the pipeline.
     clear_errors     a loader's FileNotFoundError / ValueError as one `error:` line, no traceback
     check_coco       a COCO captions object: its schema, blank captions, images without one
     check_karpathy   Karpathy's dataset_coco.json: the same
+    check_count      an empty split, or one smaller than a batch
     check_images     which image files exist, and a fingerprint of what they hold
     image_problems   the lines naming every missing and unreadable image
     whole_cache      a cache that is what its meta file says, or None: it is rebuilt
@@ -52,6 +53,13 @@ def clear_errors(what: str = ""):
 def check(ok: bool, path: Path, what: str):
     if not ok:
         raise ValueError(f"{path}: {what}")
+
+
+def check_count(n: int, batch_size: int, caption_file: Path, split: str):
+    """A split with no images, or fewer than one batch: refused before its cache is built."""
+    check(n > 0, caption_file, f"the {split} split has no images")
+    check(n >= batch_size, caption_file, f"the {split} split has {n} images, fewer than one "
+                                         f"batch of {batch_size} (--batch-size)")
 
 
 def check_coco(coco, ann_file: Path):
