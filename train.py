@@ -10,7 +10,7 @@ pieces of a step, the set-up and the loop (`train`) in the order of a step: the 
 forward pass under autocast, the loss over the global batch, backward, clipping, the AdamW step,
 logging, then a checkpoint and an evaluation every --eval-every epochs. Resume is exact; N processes
 compute what one would. The guard rails sit one call away, in lib/flags.py (the flags) and
-lib/run_folder.py (its lock, resume, Ctrl-C and SIGTERM, non-finite losses).
+lib/run_folder.py (its lock, resume, Ctrl-C, SIGTERM, SIGHUP, non-finite losses, a full disk).
 """
 
 import argparse
@@ -326,7 +326,7 @@ def train(run, step):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
     last_eval = run_folder.last_evaluation(run.history, step)
     t_last, samples_since, stopped = time.time(), 0, 0
-    # Ctrl-C or SIGTERM: the step finishes, then a checkpoint; non-finite losses stop the run
+    # Ctrl-C, SIGTERM, SIGHUP: the step finishes, then a checkpoint; non-finite losses stop the run
     with tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True) as bar, \
             run_folder.Stops(world_size, device, LOG_EVERY, ckpt_path,
                              saved=step if args.resume else None) as stops:

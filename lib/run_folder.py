@@ -17,7 +17,7 @@ calls these at its edges; a reader can skip this file and lose nothing of the me
     read_history      metrics.jsonl up to the checkpoint; a damaged line stops the resume
     write_history     metrics.jsonl and curves.png, written after every checkpoint
     last_evaluation   what a resumed, already finished run reports
-    Stops             Ctrl-C and SIGTERM after the current step, processes agreeing on a stop,
+    Stops             Ctrl-C, SIGTERM and SIGHUP after the current step, processes agreeing on a stop,
                       non-finite losses, a failed or interrupted evaluation
 """
 
@@ -290,11 +290,17 @@ def last_evaluation(history, step):
 # -----------------------------------------------------------------------------
 # stopping early without losing work
 
+# SIGHUP: the terminal closed or the ssh session dropped (POSIX only)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP")
+                                                  else [])
+
+
 class Stops:
     """Why a run stops before its last step, and how it keeps its work.
 
-    Ctrl-C, or a scheduler's SIGTERM, finishes the current step; the run then checkpoints and exits
-    with 128 + the signal's number (130, 143), as a shell reports it: never a half-applied update.
+    Ctrl-C, a scheduler's SIGTERM, or SIGHUP (a closed terminal) finishes the current step; the run
+    then checkpoints and exits with 128 + the signal's number (130, 143, 129), as a shell reports
+    it: never a half-applied update.
     A second one stops at once, keeping the last checkpoint. A non-finite loss stops the run before
     it reaches a checkpoint. Used as a context: the previous signal handlers come back at its end.
     With several processes, `every` is how often they agree (the steps train.py logs at)."""
@@ -307,7 +313,7 @@ class Stops:
         self.losses = []            # (step, loss on the device) since the last check
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.receive) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):

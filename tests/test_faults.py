@@ -5,8 +5,8 @@ folder and the data have test files of their own (test_flags, test_run_folder, t
 import dataclasses
 import errno
 import json
-import runpy
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -246,6 +246,76 @@ def test_read_only_checkpoint_folder_shows_results_then_one_line(checkpoint, cap
         evaluation.main(["retrieval", "--ckpt", str(checkpoint), "--device", "cpu"])
     assert e.value.code != 0 and "rsum" in capsys.readouterr().out
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["ckpt.pt"]
+
+
+# -----------------------------------------------------------------------------
+# eval.py and the tools check their flags as train.py does: one line each
+
+def one_line(e, start):
+    assert str(e.value).startswith(start) and "\n" not in str(e.value), str(e.value)
+
+
+def test_eval_flags_are_checked_like_train_flags(checkpoint, capsys, read_only, tmp_path):
+    ckpt = ["--ckpt", str(checkpoint)]
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["retrieval", *ckpt, "--device", "banana"])
+    one_line(e, "error: --device 'banana' is not a device; expected cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["retrieval", *ckpt, "--device", "cuda"])
+        one_line(e, "error: --device cuda: this machine has no cuda device; use --device cpu")
+    for n in ("-5", "0"):
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["probe", *ckpt, "--device", "cpu", "--n-train", n])
+        assert e.value.code == 2 and (f"argument --n-train: expected an integer >= 1, got '{n}'"
+                                      in capsys.readouterr().err)
+    read_only(tmp_path / "figures")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["inspect", *ckpt, "--device", "cpu", "--text", "a red star",
+                         "--out", str(tmp_path / "figures")])
+    one_line(e, f"error: cannot write in the figure folder {tmp_path / 'figures'} (Read-only "
+                "file system); pass --out with a writable folder")
+
+
+def test_a_damaged_cifar_archive_is_named_not_blamed_on_the_network(checkpoint, tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["zeroshot", "--ckpt", str(checkpoint), "--device", "cpu", "--dataset",
+                         "cifar10", "--data-dir", str(tmp_path)])
+    one_line(e, f"error: {tmp_path / 'cifar-10-python.tar.gz'} is damaged (its MD5 is not ")
+
+
+def test_tools_check_flags_first_and_never_regenerate_a_world(shapes_root, tmp_path, capsys,
+                                                              monkeypatch):
+    from tools import bench, tower
+    world = broken_copy(shapes_root, tmp_path, lambda root: None)   # a custom 64-image world
+    before = tree(world)
+    for flag, value in (("--steps", "-5"), ("--lr", "nan"), ("--fdt-temperature", "-1"),
+                        ("--fdt-temperature", "0")):
+        with pytest.raises(SystemExit) as e:
+            tower.main(["--data-dir", str(world), flag, value])
+        assert e.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=rf"^{world} holds a shapes world of other settings .*: "
+                                         r"it is not regenerated over; use it as it is, or pass "
+                                         r"a new folder \(nothing was written\)$"):
+        shapes.prepare(world)                         # what tools.bench and tools.study call
+    coco = tmp_path / "coco"
+    write_coco_ids(coco, "train2017", [1])
+    (tmp_path / "a_file").write_text("x")
+    for folder, start in ((coco, f"error: {coco} holds annotations/captions_train2017.json "
+                                 "without shapes.json: a COCO folder?"),
+                          (tmp_path / "a_file", f"error: {tmp_path / 'a_file'} is a file")):
+        with pytest.raises(SystemExit) as e:
+            tower.main(["--data-dir", str(folder), "--steps", "1"])
+        one_line(e, start)
+    monkeypatch.setattr(tower.time, "time", lambda: 0.0)
+    tower.main(["--data-dir", str(world), "--steps", "1"])  # the custom world, used as it is
+    assert "step 1 | loss" in capsys.readouterr().out
+    assert {k: v for k, v in tree(world).items() if not k.startswith("cache/")} == before
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--device", "cuda", "--quick"])
+        one_line(e, "error: --device cuda: this machine has no cuda device; use --device cpu")
 
 
 # -----------------------------------------------------------------------------

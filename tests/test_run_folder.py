@@ -249,6 +249,25 @@ def test_sigterm_checkpoints_like_ctrl_c_and_restores_the_handlers(shapes_root, 
             "same flags and --resume to continue") in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_sighup_checkpoints_like_sigterm(shapes_root, tmp_path, monkeypatch, capsys):
+    real_lr_at = train.lr_at
+    def sighup_at_step_1(step, *args):     # the terminal closes during step 1
+        if step == 1:
+            signal.raise_signal(signal.SIGHUP)
+        return real_lr_at(step, *args)
+    monkeypatch.setattr(train, "lr_at", sighup_at_step_1)
+    received = []           # the previous handler (conftest restores the one before it)
+    before = lambda *_: received.append(1)
+    signal.signal(signal.SIGHUP, before)
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags(shapes_root, tmp_path, "--steps", "4", "--eval-every", "2"))
+    assert stop.value.code == 129 and step_of(tmp_path) == 2
+    assert signal.getsignal(signal.SIGHUP) is before and received == []   # train.py's had it
+    assert (f"interrupted (SIGHUP) at step 2: saved {tmp_path / 'ckpt.pt'}; run again with the "
+            "same flags and --resume to continue") in capsys.readouterr().out
+
+
 def test_sigterm_from_outside_saves_and_says_how_to_resume(shapes_root, tmp_path):
     """A scheduler's SIGTERM to a real train.py process: it checkpoints and exits with 143."""
     argv = flags(shapes_root, tmp_path, "--steps", "1000")
