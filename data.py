@@ -265,6 +265,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
     Resize(size, BICUBIC) + CenterCrop(size), the usual CLIP evaluation transform."""
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale while still >= size
+        data_checks.check_proportions(*im.size, size)  # the header's size: nothing decoded yet
         if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
             # 16-bit grey: convert("RGB") would clip every value above 255 (a nearly white image)
             im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
@@ -432,8 +433,7 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 # files written whole or not at all
 
 def write_atomic(path: Path, text: str):
-    """Written under a temporary name, flushed to disk and renamed, so a reader (or a run killed at
-    any moment) never sees half a file."""
+    """Written under a temporary name, flushed and renamed: no reader (or kill) sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:

@@ -9,6 +9,7 @@ where it reads; a reader can skip this file and lose nothing of the pipeline.
     check_karpathy   Karpathy's dataset_coco.json: the same
     check_count      an empty split, or one smaller than a batch
     check_images     which image files exist, and a fingerprint of what they hold
+    check_proportions an image whose resize would take memory out of proportion
     image_problems   the lines naming every missing and unreadable image
     whole_cache      a cache that is what its meta file says, or None: it is rebuilt
     unwritable_cache the error for a cache folder that cannot be written
@@ -130,6 +131,22 @@ def check_images(files: list[Path], folder: Path) -> tuple[str, list[int], list[
         found.append(i)
         h.update(f"{os.path.relpath(f, folder)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest(), found, missing, unreadable
+
+
+RESIZE_BUDGET = 64 * 2**20  # bytes of one image resized to the cache's short side
+
+
+def check_proportions(width: int, height: int, size: int):
+    """ValueError for an image whose resize to `size` px on its short side would take more than
+    RESIZE_BUDGET: an extreme aspect ratio, which PIL's pixel limit lets through (a 60000 x 1 px
+    PNG of 256 bytes is resized through a 64 x 3,840,000 image, 737 MB). Checked on the header,
+    before any pixel is decoded. A 224 px cache allows up to ~445:1, a 64 px one ~5,400:1."""
+    short, long = min(width, height), max(width, height)
+    need = size * (size * long // short) * 3
+    if need > RESIZE_BUDGET:
+        raise ValueError(f"{width} x {height} px, an aspect ratio of {long / short:.0f}:1: resizing "
+                         f"it to {size} px would take {need / 2**20:.0f} MB, over the "
+                         f"{RESIZE_BUDGET // 2**20} MB allowed for one image; crop it or remove it")
 
 
 def image_problems(missing: list[str], unreadable: list[str], n: int) -> list[str]:

@@ -351,3 +351,20 @@ def test_16_bit_pngs_are_scaled_and_float_images_refused(tmp_path):
         data.load_split("coco", tmp_path, "train", 16)
 
 
+
+
+def test_an_image_out_of_proportion_is_named_before_it_is_decoded(tmp_path, monkeypatch):
+    files = write_coco(tmp_path)
+    Image.new("RGB", (60000, 1)).save(files[2].with_suffix(".png"))   # 256 bytes: 737 MB at 64 px
+    os.replace(files[2].with_suffix(".png"), files[2])
+    convert = Image.Image.convert
+    decoded = []
+    monkeypatch.setattr(Image.Image, "convert", lambda im, *a: decoded.append(im.size) or
+                        convert(im, *a))
+    with pytest.raises(ValueError) as e:
+        data.load_split("coco", tmp_path, "train", 64)
+    assert (f"1 of 5 images cannot be read:\n  {files[2]}: ValueError: 60000 x 1 px, an aspect "
+            "ratio of 60000:1: resizing it to 64 px would take 703 MB, over the 64 MB allowed "
+            "for one image; crop it or remove it") in str(e.value)
+    assert (60000, 1) not in decoded
+    assert data.load_split("coco", tmp_path, "train", 4).images.shape == (5, 4, 4, 3)  # 2.9 MB
