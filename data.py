@@ -14,8 +14,7 @@ downloads COCO):
 
 Images are decoded once per (split, resolution) into a uint8 memmap next to the captions (as
 nanoGPT does with tokens), so training never waits for JPEG decoding. What can be wrong with the
-files (a caption file that is not what it claims, missing or unreadable images, a cache that cannot
-be written) is checked in lib/data_checks.py, which names every problem of every split at once.
+files, the cache or the disk is checked in lib/data_checks.py, which names every problem at once.
 """
 
 import functools
@@ -306,6 +305,7 @@ def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        data_checks.reserve(tmp)  # a disk that filled up since: ENOSPC here, not SIGBUS later
     except OSError as e:
         raise data_checks.unwritable_cache(array, e, missing, unreadable, len(files)) from None
     data_checks.remove_stale(cache)

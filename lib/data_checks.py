@@ -13,11 +13,13 @@ where it reads; a reader can skip this file and lose nothing of the pipeline.
     image_problems   the lines naming every missing and unreadable image
     whole_cache      a cache that is what its meta file says, or None: it is rebuilt
     unwritable_cache the error for a cache folder that cannot be written
+    reserve          a new cache file's blocks, allocated before it is written through a memmap
     check_space      a disk without room for what is about to be written, said before
     remove_stale     temporaries of cache builds killed by kill -9
     one_report       run every load, then raise one error naming every problem
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -161,10 +163,26 @@ def image_problems(missing: list[str], unreadable: list[str], n: int) -> list[st
 
 def unwritable_cache(array: Path, error: OSError, missing, unreadable, n) -> ValueError:
     """The images already known to be bad, then why the cache cannot be built."""
+    advice = ("the disk is full: free some space, or put the data on a larger disk"
+              if error.errno == errno.ENOSPC else
+              f"images are decoded once into {array.parent}/, which must be writable (a copy of "
+              "the data folder that holds its cache/ needs no writing)")
     return ValueError("\n".join(image_problems(missing, unreadable, n) + [
-        f"cannot write the image cache {array} ({error.strerror}): images are decoded once into "
-        f"{array.parent}/, which must be writable (a copy of the data folder that holds its "
-        "cache/ needs no writing)"]))
+        f"cannot write the image cache {array} ({error.strerror}): {advice}"]))
+
+
+def reserve(path: Path):
+    """Every block of a new file allocated now (a memmap is sparse): a disk that fills up is
+    ENOSPC here, not a SIGBUS at some write into the mapping. Where os.posix_fallocate is missing
+    (macOS, Windows) the space checked up front stands alone. The file is removed on failure."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def size_text(n: float) -> str:

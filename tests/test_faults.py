@@ -344,6 +344,18 @@ def test_a_full_disk_is_named_before_the_cache_or_the_world_is_written(shapes_ro
                      f"train2017_64.npy: it needs {need / 2**20:.1f} MB, {root} has "
                      "0.0 MB free; free some space, or put the data on a larger disk")
     assert not (root / "cache").exists() and not (tmp_path / "run" / "ckpt.pt").exists()
+    monkeypatch.undo()
+
+    def filled_up(fd, offset, length):              # the disk filled up after the check
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", filled_up, raising=False)
+    with pytest.raises(ValueError, match=rf"^cannot write the image cache {root}/cache/"
+                                         r"val2017_16.npy \(No space left on device\): the disk "
+                                         r"is full: free some space, or put the data on a larger "
+                                         r"disk$"):
+        data.load_split("shapes", root, "val", 16)
+    assert list((root / "cache").iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", full)
     with pytest.raises(ValueError, match=rf"not enough space for the shapes world {tmp_path}/new: "
                                          rf"it needs 15.0 MB, {tmp_path} has 0.0 MB free"):
         shapes.prepare(tmp_path / "new", n_train=1216, n_val=64, n_test_per_pair=0)
