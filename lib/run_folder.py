@@ -17,8 +17,8 @@ calls these at its edges; a reader can skip this file and lose nothing of the me
     read_history      metrics.jsonl up to the checkpoint; a damaged line stops the resume
     write_history     metrics.jsonl and curves.png, written after every checkpoint
     last_evaluation   what a resumed, already finished run reports
-    Stops             Ctrl-C, SIGTERM and SIGHUP after the current step, processes agreeing on a stop,
-                      non-finite losses, a failed or interrupted evaluation
+    Stops             Ctrl-C, SIGTERM and SIGHUP after the current step, processes agreeing
+                      on a stop, non-finite losses, a failed or interrupted evaluation
 """
 
 import hashlib
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import data
 from lib import figures
 from lib import data_checks
-from lib.data_checks import clear_errors
+from lib.data_checks import clear_errors, listed
 from model import load_checkpoint, load_weights
 
 
@@ -55,13 +55,12 @@ def check_paths(args):
         where = "is a file" if existing == out else f"is under {existing}, which is a file"
         raise SystemExit(f"error: --out {out} {where}; pass a folder for the run")
     ckpt_path = out / "ckpt.pt"
-    foreign = [] if args.overwrite or not out.is_dir() else not_a_runs(out)
+    # --resume writes only the run's own files, over the run's own
+    foreign = [] if args.overwrite or args.resume or not out.is_dir() else not_a_runs(out)
     if foreign:
-        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
-                                           else "")
-        raise SystemExit(f"error: --out {out} holds {listed}, which no run wrote: pass a new or "
-                         "empty folder (--overwrite writes the run into it anyway, replacing "
-                         f"any of {', '.join(RUN_FILES)})")
+        raise SystemExit(f"error: --out {out} holds {listed(foreign)}, which no run wrote: "
+                         "pass a new or empty folder (--overwrite writes the run into it anyway, "
+                         f"replacing any of {', '.join(RUN_FILES)})")
     if args.resume and not ckpt_path.exists():
         raise SystemExit(f"error: --resume: there is no checkpoint at {ckpt_path}; "
                          "check --out, or start the run without --resume")

@@ -346,8 +346,8 @@ def refuse_foreign(root: Path):
         what = "COCO with Karpathy's splits? train on it with --data karpathy"
     else:
         what = "the shapes world is generated only into a new or empty folder"
-    listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    raise ValueError(f"{root} holds {listed} without shapes.json: {what} (nothing was written)")
+    raise ValueError(f"{root} holds {data_checks.listed(found)} without shapes.json: {what} "
+                     "(nothing was written)")
 
 
 def _ours(annotation: Path) -> bool:

@@ -92,6 +92,9 @@ def test_an_out_with_files_no_run_wrote_is_refused_unless_overwrite(shapes_root,
     (out / "lock").write_text("")
     train.main(flags(shapes_root, out, "--steps", "1"))
     assert step_of(out) == 1
+    (out / "notes.txt").write_text("mine")          # --resume writes only the run's own files
+    train.main(flags(shapes_root, out, "--steps", "2", "--resume", "--extend"))
+    assert step_of(out) == 2 and (out / "notes.txt").read_text() == "mine"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "curves.png").write_bytes(b"my figure")
     train.main(flags(shapes_root, tmp_path / "other", "--steps", "1", "--overwrite"))

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lib.data_checks import listed
+
 
 COCO_URL = "http://images.cocodataset.org/"
 # file name -> (path under the base URL, "algorithm:hexdigest" or None for a size check only).
@@ -87,10 +89,9 @@ def refuse_foreign(dest: Path, files: dict):
     ours |= {f".{name}.extracted" for name in files}
     found = sorted(p.name for p in dest.iterdir() if p.name not in ours) if dest.exists() else []
     if found:
-        listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise ValueError(f"{dest} holds {listed}, which a COCO download does not write: COCO is "
-                         "downloaded only into a new or empty folder, or one of its own "
-                         "(nothing was written)")
+        raise ValueError(f"{dest} holds {listed(found)}, which a COCO download does not "
+                         "write: COCO is downloaded only into a new or empty folder, or one of "
+                         "its own (nothing was written)")
 
 
 def download_coco(dest: str | Path, files: dict = COCO_FILES, base_url: str = COCO_URL,
