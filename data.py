@@ -14,8 +14,7 @@ downloads COCO):
 
 Images are decoded once per (split, resolution) into a uint8 memmap next to the captions (as
 nanoGPT does with tokens), so training never waits for JPEG decoding. What can be wrong with the
-files (a caption file that is not what it claims, missing or unreadable images, a cache that cannot
-be written) is checked in lib/data_checks.py, which names every problem of every split at once.
+files, the cache or the disk is checked in lib/data_checks.py, which names every problem at once.
 """
 
 import functools
@@ -178,11 +177,12 @@ def _read_karpathy(json_file: Path, root: Path,
     return files, captions, entries
 
 
-def load_split(source: str, root: str | Path, split: str, image_size: int) -> CaptionSet:
+def load_split(source: str, root: str | Path, split: str, image_size: int,
+               batch_size: int = 1) -> CaptionSet:
     """source: "shapes" | "coco" (COCO 2017 layout) | "karpathy" (dataset_coco.json in root, next to
     the COCO images). split: train | val | test, or zeroshot (the shapes world's single objects).
     COCO 2017 has no public test captions, so for shapes and coco val and test both mean val2017,
-    the 5k retrieval test set."""
+    the 5k retrieval test set. A split of fewer than batch_size images is refused before caching."""
     root = Path(root)
     if split not in ("train", "val", "test", "zeroshot"):
         raise ValueError(f"unknown split {split!r}; expected train, val, test or zeroshot")
@@ -210,16 +210,17 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
         files, captions, entries = _read_coco(caption_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")
-    data_checks.check(len(files) > 0, caption_file, f"the {split} split has no images")
+    data_checks.check_count(len(files), batch_size, caption_file, split)
     images = cached_images(files, root / "cache" / f"{name}_{image_size}", image_size)
     return CaptionSet(images, captions, [str(f) for f in files], entries)
 
 
-def load_splits(source: str, root: str | Path, splits: list[str], image_size: int
-                ) -> list[CaptionSet]:
-    """load_split of each split, in order. Every split is read even after one failed, and one error
-    names every problem of all of them: the data is fixed in one go, not one split per run."""
-    return data_checks.one_report([functools.partial(load_split, source, root, split, image_size)
+def load_splits(source: str, root: str | Path, splits: list[str], image_size: int,
+                batch_size: int = 1) -> list[CaptionSet]:
+    """load_split of each split in order (the first of batch_size images at least), every one read
+    even after one failed: one error names every problem of all of them, fixed in one go."""
+    return data_checks.one_report([functools.partial(load_split, source, root, split, image_size,
+                                                     batch_size if split == splits[0] else 1)
                                    for split in splits])
 
 
@@ -263,6 +264,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
     Resize(size, BICUBIC) + CenterCrop(size), the usual CLIP evaluation transform."""
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale while still >= size
+        data_checks.check_proportions(*im.size, size)  # the header's size: nothing decoded yet
         if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
             # 16-bit grey: convert("RGB") would clip every value above 255 (a nearly white image)
             im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
@@ -288,20 +290,22 @@ def _decode_or_error(path: Path, size: int) -> tuple[np.ndarray | None, str | No
 
 def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     """(N, size, size, 3) uint8 memmap of the decoded images at `cache`.npy, (re)built when the
-    images or the resolution changed. The array is written under a temporary name and renamed, and
-    `cache`.json, which says what it holds, is written after it: a half-written cache is never used.
-    Missing and unreadable images are named all at once, after every image was tried."""
+    images or the resolution changed, or it is damaged. It is written under a temporary name and
+    renamed, then `cache`.json, which says what it holds: a half-written cache is never used. A
+    disk without room is said first; bad images all at once, after every image was tried."""
     fingerprint, found, missing, unreadable = data_checks.check_images(files, cache.parent)
     meta = {"fingerprint": fingerprint, "image_size": size, "count": len(files)}
     array, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
-    if (len(found) == len(files) and meta_file.exists() and array.exists()
-            and data_checks.read_json(meta_file) == meta):
-        return np.load(array, mmap_mode="r")
+    shape = (len(files), size, size, 3)
+    if len(found) == len(files) and (images := data_checks.whole_cache(array, meta_file, meta,
+                                                                      shape)) is not None:
+        return images
     tmp = array.with_name(f"{array.name}.tmp{os.getpid()}")
+    data_checks.check_space(cache.parent, np.prod(shape) + 4096, f"the image cache {array}")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(files), size, size, 3))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        data_checks.reserve(tmp)  # a disk that filled up since: ENOSPC here, not SIGBUS later
     except OSError as e:
         raise data_checks.unwritable_cache(array, e, missing, unreadable, len(files)) from None
     data_checks.remove_stale(cache)
@@ -429,15 +433,17 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
 # files written whole or not at all
 
 def write_atomic(path: Path, text: str):
-    """Written under a temporary name, flushed to disk and renamed, so a reader (or a run killed at
-    any moment) never sees half a file."""
+    """Written under a temporary name, flushed and renamed: no reader (or kill) sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk: no temporary left behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj):

@@ -38,7 +38,7 @@ from PIL import Image
 import data
 from lib import benchmarks, figures, shapes
 from lib.data_checks import clear_errors
-from lib.flags import data_source, need_shapes, refuse_overlap
+from lib.flags import data_source, need_shapes, number, pick_device, refuse_overlap, writable
 from lib.metrics import (active_tokens, as_image_tensor, binding_accuracy, embed_images,
                          embed_texts, heldout_accuracy, linear_probe, marginal_probs,
                          retrieval_metrics, topk_accuracy)
@@ -282,7 +282,7 @@ def run_zeroshot(args):
         rows["heldout (vs other shapes)"] = (m["zs_heldout"], None)
     else:
         if args.dataset == "imagefolder" and not args.data_dir:
-            raise SystemExit("--dataset imagefolder needs --data-dir: "
+            raise SystemExit("error: --dataset imagefolder needs --data-dir: "
                              "the folder with one sub-folder per class")
         root = Path(args.data_dir or f"data/{args.dataset}")
         with clear_errors():  # e.g. no --classnames file, an unreadable image
@@ -334,7 +334,7 @@ def run_probe(args):
 def run_sugarcrepe(args):
     ckpt, model, tokenizer = load(args)
     coco = Path(args.coco_dir)
-    refuse_overlap(ckpt, "coco", coco, "val", args.allow_overlap)   # its images are val2017's
+    refuse_overlap(ckpt, "coco", coco, "val", args.allow_overlap, loaded=False)  # val2017's
     with clear_errors():
         items = benchmarks.read_sugarcrepe(args.sugarcrepe_dir)
         m = benchmarks.evaluate_sugarcrepe(model, tokenizer, items, coco / "val2017",
@@ -350,9 +350,9 @@ def run_sugarcrepe(args):
 def run_inspect(args):
     ckpt, model, tokenizer = load(args)
     if model.config.head != "fdt":
-        raise SystemExit(f"{args.ckpt} is a CLIP baseline (projection head): it has no FDT "
+        raise SystemExit(f"error: {args.ckpt} is a CLIP baseline (projection head): it has no FDT "
                          "tokens to inspect; train one with `python train.py --model fdt`")
-    out = Path(args.out or Path(args.ckpt).parent / "inspect")
+    out = writable(Path(args.out or Path(args.ckpt).parent / "inspect"), "the figure folder")
     size = model.config.image_size
     examples = []  # (file name prefix, uint8 image (3, S, S) or None, caption or None)
     concepts_root = None
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None):
     def command(name, run, help):
         p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--device", type=pick_device, default=pick_device(None))
         p.set_defaults(run=run)
         return p
 
@@ -420,13 +420,13 @@ def main(argv: list[str] | None = None):
     p.add_argument("--data-dir", help="shapes: default the checkpoint's; cifar: default "
                                       "data/<dataset>; imagefolder: required")
     p.add_argument("--classnames", help="imagefolder: one class name per line, sorted-folder order")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    p.add_argument("--workers", type=number(int, 0), default=4, help="image decoding processes")
     p = command("binding", run_binding, "shapes: true captions vs swapped, replaced, reversed ones")
     p.add_argument("--data-dir", help="default: the checkpoint's")
     p = command("probe", run_probe,
                 "shapes: linear probes of shape and colour on the frozen image features")
     p.add_argument("--data-dir", help="default: the checkpoint's")
-    p.add_argument("--n-train", type=int, default=4000,
+    p.add_argument("--n-train", type=number(int, 1), default=4000,
                    help="training images the probes are fitted on")
     p = command("sugarcrepe", run_sugarcrepe,
                 "SugarCrepe compositional benchmark on COCO val2017 images")
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--image", help="an image file")
     p.add_argument("--text", help="a caption")
     p.add_argument("--data-dir", help="validation examples from here (default: the checkpoint's)")
-    p.add_argument("--examples", type=int, default=3,
+    p.add_argument("--examples", type=number(int, 0), default=3,
                    help="validation examples without --image / --text")
     p.add_argument("--out", help="figure folder (default: inspect/ next to the checkpoint)")
     args = parser.parse_args(argv)

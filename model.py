@@ -398,14 +398,17 @@ def save_checkpoint(path, model, tokenizer, data_source, **train_state):
     moment leaves either the previous checkpoint or this one, never half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                    "model": model.state_dict(),
-                    "model_config": asdict(model.config), "tokenizer": tokenizer.state_dict(),
-                    "data": data_source, **train_state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                        "model": model.state_dict(),
+                        "model_config": asdict(model.config), "tokenizer": tokenizer.state_dict(),
+                        "data": data_source, **train_state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk: no half-written temporary left to fill it
+        tmp.unlink(missing_ok=True)
 
 
 def load_weights(model, state):

@@ -10,7 +10,7 @@ pieces of a step, the set-up and the loop (`train`) in the order of a step: the 
 forward pass under autocast, the loss over the global batch, backward, clipping, the AdamW step,
 logging, then a checkpoint and an evaluation every --eval-every epochs. Resume is exact; N processes
 compute what one would. The guard rails sit one call away, in lib/flags.py (the flags) and
-lib/run_folder.py (its lock, resume, Ctrl-C and SIGTERM, non-finite losses).
+lib/run_folder.py (its lock, resume, Ctrl-C, SIGTERM, SIGHUP, non-finite losses, a full disk).
 """
 
 import argparse
@@ -33,7 +33,7 @@ import data
 import eval as evaluation
 from lib import augment, flags, run_folder, shapes
 from lib.data_checks import clear_errors
-from lib.flags import number
+from lib.flags import EXP_MAX, number
 from lib.metrics import active_tokens
 from model import CLIP, PRESETS, contrastive_loss, save_checkpoint, word_loss
 
@@ -100,8 +100,8 @@ def parse_args(argv):
     add("--warmup", type=number(int, 0), help="linear warm-up steps")
     add("--warmup-from", type=number(float, 0, 1), help="learning rate at step 0 of the warm-up")
     add("--grad-clip", type=number(float, 0), help="max gradient norm (0: off)")
-    add("--logit-scale-min", type=number(float), help="lower clamp of the log inverse temperature")
-    add("--logit-scale-max", type=number(float), help="upper clamp of the log inverse temperature")
+    add("--logit-scale-min", type=number(float, -EXP_MAX, EXP_MAX), help="lower clamp of log 1/T")
+    add("--logit-scale-max", type=number(float, -EXP_MAX, EXP_MAX), help="upper clamp of log 1/T")
     add("--freeze-patch-embed", action=on_off, help="keep the ViT's patch embedding as initialised")
     add("--amp", choices=["bf16", "fp16", "off"], help="autocast precision")
     add("--compile", action=on_off, help="torch.compile the model")
@@ -116,7 +116,7 @@ def parse_args(argv):
     add("--seed", type=number(int, 0, 2**32 - 1))
     add("--out", help="run folder")
     add("--resume", action="store_true", help="continue from <out>/ckpt.pt with the same settings")
-    add("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+    add("--overwrite", action="store_true", help="start afresh in an --out with a run or files")
     add("--extend", action="store_true", help="with --resume: another length than the checkpoint's "
         "(the schedule is recomputed: the result differs from a run of that length)")
     add("--device", help="cpu, cuda, cuda:1 ...")
@@ -195,6 +195,8 @@ def setup_processes(args):
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(hours=1))
     flags.check_batch(args.batch_size, world_size)
+    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
+    flags.check_amp(args.amp, device)
     return device, rank, world_size
 
 
@@ -208,7 +210,8 @@ def load_data(args, tokenizer, rank, world_size):
         if rank == 0:  # rank 0 alone builds the caches: N ranks would each decode and write one
             splits = ["train", evaluation.EVAL_SPLIT[args.data]]
             splits += ["zeroshot"] if args.data == "shapes" else []
-            train_set = data.load_splits(args.data, root, splits, preset.image_size)[0]  # checked
+            train_set = data.load_splits(args.data, root, splits, preset.image_size,
+                                         args.batch_size)[0]
         if world_size > 1:
             dist.barrier()                          # the others wait for the data and its caches
         if rank != 0:
@@ -242,8 +245,6 @@ class Run:
 def setup(args, device, rank, world_size):
     """-> (Run, the step to start at). The checkpoint to resume is checked before any data is read
     (a wrong flag costs seconds, not a cache build); then the data, the model and its optimiser."""
-    args.amp = args.amp or ("bf16" if device.type == "cuda" else "off")
-    flags.check_amp(args.amp, device)
     ckpt, tokenizer, history = None, None, []
     if args.resume:
         ckpt, tokenizer, history = run_folder.resume_point(args, model_config)
@@ -265,7 +266,7 @@ def setup(args, device, rank, world_size):
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
-        run_folder.write_config(Path(args.out), args, config, world_size)
+        run_folder.write_config(Path(args.out), args, raw_model, world_size)
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{args.model} | preset {args.preset} | {n_params / 1e6:.2f}M parameters "
               f"| {device} x {world_size} | amp {args.amp} | {len(train_set.images)} images "
@@ -281,11 +282,12 @@ def setup(args, device, rank, world_size):
 def checkpoint(run, step):
     """The weights, optimiser and everything needed to resume, then the history up to here."""
     args = run.args
-    save_checkpoint(Path(args.out) / "ckpt.pt", run.raw_model, run.tokenizer,
-                    {"source": args.data, "root": str(Path(args.data_dir).resolve())},
-                    step=step, optimizer=run.optimizer.state_dict(),
-                    scaler=run.scaler.state_dict(), settings=run.settings)
-    run_folder.write_history(Path(args.out), run.history)
+    with run_folder.writing(Path(args.out) / "ckpt.pt"):    # a full disk: one line, not a trace
+        save_checkpoint(Path(args.out) / "ckpt.pt", run.raw_model, run.tokenizer,
+                        {"source": args.data, "root": str(Path(args.data_dir).resolve())},
+                        step=step, optimizer=run.optimizer.state_dict(),
+                        scaler=run.scaler.state_dict(), settings=run.settings)
+        run_folder.write_history(Path(args.out), run.history)
 
 
 def evaluate(run, step, stops, bar):
@@ -324,7 +326,7 @@ def train(run, step):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
     last_eval = run_folder.last_evaluation(run.history, step)
     t_last, samples_since, stopped = time.time(), 0, 0
-    # Ctrl-C or SIGTERM: the step finishes, then a checkpoint; non-finite losses stop the run
+    # Ctrl-C, SIGTERM, SIGHUP: the step finishes, then a checkpoint; non-finite losses stop the run
     with tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True) as bar, \
             run_folder.Stops(world_size, device, LOG_EVERY, ckpt_path,
                              saved=step if args.resume else None) as stops:

@@ -32,6 +32,7 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
     ImageFolder class names are the sorted folder names, or the lines of `classnames_file` in that
     order (an ImageNet validation set is sorted into synset folders like n01440764)."""
     import torchvision
+    from torchvision.datasets.utils import check_integrity
     root = Path(root)
     transform = image_transform(image_size)
     if name in CIFAR_FOLDERS:
@@ -40,7 +41,12 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
         try:  # finds a verified copy in root first; downloads only when there is none
             dataset = cls(root, train=False, transform=transform, download=True)
         except Exception as e:  # no network, a proxy, a truncated file
-            raise SystemExit(f"cannot get {name} into {root}/ ({type(e).__name__}: {e}).\n"
+            tgz = root / archive
+            if tgz.is_file() and not check_integrity(str(tgz), cls.tgz_md5):
+                raise SystemExit(f"error: {tgz} is damaged (its MD5 is not {cls.tgz_md5}, that "
+                                 f"of {cls.url}): delete it, then run again to download it or put "
+                                 "a good copy there") from None
+            raise SystemExit(f"error: cannot get {name} into {root}/ ({type(e).__name__}: {e}).\n"
                              "Without network: "
                              f"download {cls.url} elsewhere and put {archive} (or its extracted "
                              f"{folder}/ folder) in {root}/") from None
@@ -50,19 +56,19 @@ def zeroshot_dataset(name, root, image_size, classnames_file=None):
                f"({root}/<class>/<image>.jpg); with folder names that are not words (ImageNet's "
                f"n01440764 ...) pass --classnames FILE, one name per line in sorted-folder order")
         if not root.is_dir():
-            raise SystemExit(f"no image folder at {root}: {how}")
+            raise SystemExit(f"error: no image folder at {root}: {how}")
         try:
             folder = torchvision.datasets.ImageFolder(root, transform=transform)
             dataset = NamedFailures(folder, image_size)
         except FileNotFoundError as e:  # no class folders, or a class folder without images
-            raise SystemExit(f"{e}: {how}") from None
+            raise SystemExit(f"error: {e}: {how}") from None
         classnames = dataset.classes
         if classnames_file:
             classnames = [line.strip() for line in Path(classnames_file).read_text().splitlines()
                           if line.strip()]
             if len(classnames) != len(dataset.classes):
-                raise SystemExit(f"{classnames_file} has {len(classnames)} names but {root} has "
-                                 f"{len(dataset.classes)} class folders")
+                raise SystemExit(f"error: {classnames_file} has {len(classnames)} names but "
+                                 f"{root} has {len(dataset.classes)} class folders")
     else:
         raise ValueError(f"unknown zero-shot dataset {name!r}")
     return dataset, [c.replace("_", " ") for c in classnames]  # "aquarium_fish" -> "aquarium fish"

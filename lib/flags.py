@@ -13,6 +13,8 @@ eval.py
     data_source    --data / --data-dir, by default the checkpoint's
     refuse_overlap an evaluation split that shares images with the training split
     need_shapes    a --data-dir without the shapes world a command needs
+    writable       a folder results go to that cannot be written
+    (--device is pick_device's, the numbers number's)
 """
 
 import argparse
@@ -25,6 +27,10 @@ import torch
 
 import data
 from lib import shapes
+
+
+# just under log(float32's max) = 88.72: a logit-scale clamp beyond it overflows in the loss
+EXP_MAX = 88.7
 
 
 def number(kind, low=-math.inf, high=math.inf, low_open=False):
@@ -98,13 +104,15 @@ def pick_device(name):
 def check_batch(batch_size, world_size):
     """The global batch is split evenly over the processes."""
     if batch_size % world_size:
-        raise SystemExit(f"--batch-size {batch_size} is not divisible by {world_size} processes")
+        raise SystemExit(f"error: --batch-size {batch_size} is not divisible by {world_size} "
+                         "processes; pass a multiple of it")
 
 
 def check_amp(amp, device):
     """fp16 needs a GradScaler on CUDA; a CPU has bf16 autocast or none."""
     if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs CUDA; use --amp bf16 or off on CPU")
+        raise SystemExit(f"error: --amp fp16 needs CUDA, and --device is {device}; "
+                         "use --amp bf16 or --amp off")
 
 
 def warn_warmup(args, total_steps, lr_at):
@@ -125,24 +133,35 @@ def data_source(ckpt, source=None, root=None):
     source = source or trained.get("source")
     root = root or (trained.get("root") if source == trained.get("source") else None)
     if source is None:
-        raise SystemExit("the checkpoint does not say which data it was trained on: "
+        raise SystemExit("error: the checkpoint does not say which data it was trained on: "
                          "pass --data and --data-dir")
     if root is None:
-        raise SystemExit(f"the checkpoint was trained on {trained.get('source')}, not {source}: "
-                         "pass --data-dir")
+        raise SystemExit(f"error: the checkpoint was trained on {trained.get('source')}, "
+                         f"not {source}: pass --data-dir")
     return source, Path(root)
 
 
-def refuse_overlap(ckpt, source, root, split, allow):
+def refuse_overlap(ckpt, source, root, split, allow, loaded=True):
     """Stop when the evaluation split shares COCO images with the checkpoint's training split
     (train2017 holds most of Karpathy's test images, Karpathy's train+restval part of val2017):
-    the numbers would measure memory, not generalisation. --allow-overlap skips the check."""
+    the numbers would measure memory, not generalisation. --allow-overlap skips the check.
+    loaded: whether the caller loads the evaluation split next (its loader names a missing file)."""
     trained = ckpt.get("data", {})
     if allow or "shapes" in (source, trained.get("source")):
         return
     try:
-        overlap = (data.image_ids(source, root, split)
-                   & data.image_ids(trained["source"], trained["root"], "train"))
+        evaluated = data.image_ids(source, root, split)
+    except FileNotFoundError as e:
+        if loaded:   # the evaluation's own data, loaded next: that says what to put where
+            return
+        raise SystemExit(f"error: cannot check that {source} {split} is disjoint from the "
+                         f"checkpoint's training split: no {e.filename}; put it there, or pass "
+                         "--allow-overlap to evaluate anyway") from None
+    except (KeyError, OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read which images {source} {split} holds in {root} "
+                         f"({type(e).__name__}: {e})") from None
+    try:
+        overlap = evaluated & data.image_ids(trained["source"], trained["root"], "train")
     except (KeyError, OSError, ValueError) as e:
         raise SystemExit(f"error: cannot check that {source} {split} is disjoint from the "
                          f"checkpoint's training split ({type(e).__name__}: {e}); "
@@ -154,6 +173,22 @@ def refuse_overlap(ckpt, source, root, split, allow):
                          "would be inflated. Evaluate on a disjoint split (a --data karpathy "
                          "checkpoint on --data karpathy --split test, a --data coco one on "
                          "--data coco), or pass --allow-overlap")
+
+
+def writable(folder, what):
+    """folder, made if missing, once a file can be written in it; else one line naming it: found
+    before the work whose results would be lost (a read-only mount, no permission, a full disk)."""
+    probe = folder / f".write-test{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("x")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in {what} {folder} ({e.strerror}); pass --out "
+                         "with a writable folder") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return folder
 
 
 def need_shapes(root, why):

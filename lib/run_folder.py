@@ -3,9 +3,12 @@ over another's work, a resumed run is the run it continues, and a run that stops
 SIGTERM, a non-finite loss, a failed evaluation) leaves a checkpoint to go on from. train.py's loop
 calls these at its edges; a reader can skip this file and lose nothing of the method.
 
-    check_paths       --out and --data-dir mistakes, a folder that already holds a run
+    check_paths       --out and --data-dir mistakes, a folder that already holds a run or
+                      files no run wrote
     locked            an exclusive lock on <out>/lock while the run lasts
-    write_config      <out>/config.json: the resolved flags and the model configuration
+    write_config      <out>/config.json: the resolved flags and the model configuration, once
+                      there is room for a checkpoint
+    writing           a run's file that cannot be written (a full disk) as one line
     resume_point      the checkpoint to resume, its tokenizer and history, checked before the data
     resume            checked again with the data, then the weights and optimiser restored
     run_settings      every setting that changes the result, stored in each checkpoint
@@ -14,14 +17,16 @@ calls these at its edges; a reader can skip this file and lose nothing of the me
     read_history      metrics.jsonl up to the checkpoint; a damaged line stops the resume
     write_history     metrics.jsonl and curves.png, written after every checkpoint
     last_evaluation   what a resumed, already finished run reports
-    Stops             Ctrl-C and SIGTERM after the current step, processes agreeing on a stop,
-                      non-finite losses, a failed or interrupted evaluation
+    Stops             Ctrl-C, SIGTERM and SIGHUP after the current step, processes agreeing
+                      on a stop, non-finite losses, a failed or interrupted evaluation
 """
 
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -32,14 +37,16 @@ import torch.distributed as dist
 
 import data
 from lib import figures
-from lib.data_checks import clear_errors
+from lib import data_checks
+from lib.data_checks import clear_errors, listed
 from model import load_checkpoint, load_weights
 
 
 def check_paths(args):
     """Mistakes in --out and --data-dir, each refused in one line before anything is read or
     written. A run folder that holds a checkpoint is only continued (--resume) or, when asked,
-    replaced (--overwrite): starting afresh in it would overwrite ckpt.pt and metrics.jsonl."""
+    replaced (--overwrite): starting afresh in it would overwrite ckpt.pt and metrics.jsonl. One
+    that holds files no run wrote is refused too, unless --overwrite: they may be the user's."""
     out, root = Path(args.out), Path(args.data_dir)
     if root.exists() and not root.is_dir():
         raise SystemExit(f"error: --data-dir {root} is a file; pass the dataset's folder")
@@ -48,12 +55,46 @@ def check_paths(args):
         where = "is a file" if existing == out else f"is under {existing}, which is a file"
         raise SystemExit(f"error: --out {out} {where}; pass a folder for the run")
     ckpt_path = out / "ckpt.pt"
+    # --resume writes only the run's own files, over the run's own
+    foreign = [] if args.overwrite or args.resume or not out.is_dir() else not_a_runs(out)
+    if foreign:
+        raise SystemExit(f"error: --out {out} holds {listed(foreign)}, which no run wrote: "
+                         "pass a new or empty folder (--overwrite writes the run into it anyway, "
+                         f"replacing any of {', '.join(RUN_FILES)})")
     if args.resume and not ckpt_path.exists():
         raise SystemExit(f"error: --resume: there is no checkpoint at {ckpt_path}; "
                          "check --out, or start the run without --resume")
     if ckpt_path.exists() and not (args.resume or args.overwrite):
         raise SystemExit(f"error: {out} already holds a run (its checkpoint {ckpt_path}): continue "
                          "it with --resume, or pass another --out (--overwrite replaces it)")
+
+
+RUN_FILES = ("ckpt.pt", "config.json", "metrics.jsonl", "curves.png", "lock")
+
+
+def not_a_runs(out):
+    """What in a run folder no run wrote: anything but the files a run writes, their temporaries
+    and eval.py's results. Without a checkpoint, only an empty lock and a run's config.json are a
+    run's (a run stopped before its first checkpoint): a metrics.jsonl or a config.json of one's
+    own would be overwritten by a new run."""
+    ours = re.compile(r"(ckpt\.pt|config\.json|metrics\.jsonl|curves\.png)(\.tmp\d*)?|lock"
+                      r"|(retrieval|zeroshot|binding|probe|sugarcrepe)\w*\.json|inspect")
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                   if not ours.fullmatch(p.name))
+    if not (out / "ckpt.pt").is_file():
+        found += [name for name in ("metrics.jsonl", "curves.png") if (out / name).exists()]
+        found += [] if is_run_config(out / "config.json") else ["config.json"]
+    return sorted(set(found))
+
+
+def is_run_config(path):
+    """Whether path is missing or a config.json that write_config wrote."""
+    if not path.exists():
+        return True
+    try:
+        return set(json.loads(path.read_bytes())) == {"args", "model", "world_size"}
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def lock_exclusively(handle):
@@ -92,10 +133,31 @@ def locked(out):
         yield
 
 
-def write_config(out, args, config, world_size):
-    """<out>/config.json: the flags as the run resolved them and its model configuration."""
-    (out / "config.json").write_text(json.dumps(
-        {"args": vars(args), "model": asdict(config), "world_size": world_size}, indent=2))
+def write_config(out, args, model, world_size):
+    """<out>/config.json: the flags as the run resolved them and its model configuration; said
+    first, in one line, when the disk has no room for a checkpoint: the weights and AdamW's two
+    states, and the file it replaces while both exist."""
+    need = 2 * 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
+    with clear_errors():
+        data_checks.check_space(out, need, f"a checkpoint in {out}")
+    with writing(out / "config.json"):
+        data.write_json(out / "config.json", {"args": vars(args), "model": asdict(model.config),
+                                              "world_size": world_size})
+
+
+@contextmanager
+def writing(path):
+    """A failed write of a run's file (a full disk, a folder made read-only) as one line naming it
+    and the space left; the writers leave no temporary, and the previous checkpoint stays whole."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save's writer raises RuntimeError on ENOSPC
+        free = data_checks.size_text(shutil.disk_usage(path.parent).free)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        path = getattr(e, "filename", None) or path    # metrics.jsonl's or curves.png's temporary
+        raise SystemExit(f"error: cannot write {path} ({reason}); {free} free there; the previous "
+                         "checkpoint, if any, is intact: free some space and run again with "
+                         "--resume") from None
 
 
 # -----------------------------------------------------------------------------
@@ -143,13 +205,21 @@ def run_settings(args, config, total_steps=None, train_set=None):
 
 def data_fingerprint(cs, root):
     """What a resumed run must find again in its training split: its image files (names within
-    the data folder, sizes) and its captions, each as a short hash."""
+    the data folder, sizes, modification times: an image rewritten in place) and its captions,
+    each as a short hash."""
     def digest(obj):
         return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:16]
+    stats = [os.stat(f) for f in cs.image_files]
     return {"images": len(cs.image_files),
             "file names": digest([os.path.relpath(f, root) for f in cs.image_files]),
-            "file sizes": digest([os.path.getsize(f) for f in cs.image_files]),
+            "file sizes": digest([st.st_size for st in stats]),
+            "file times": digest([st.st_mtime_ns for st in stats]),
             "captions": digest(cs.captions)}
+
+
+CHANGES = {"file names": "other file names", "file sizes": "other file sizes",
+           "file times": "images rewritten (other modification times)",
+           "captions": "other captions"}
 
 
 def check_resumable(ckpt, settings, extend):
@@ -158,17 +228,19 @@ def check_resumable(ckpt, settings, extend):
     stored = ckpt.get("settings", {})
     diffs = []
     for key, now in settings.items():
+        if key == "data_dir" and "train_data" in stored:
+            continue    # a moved data folder: its fingerprint (train_data) decides, checked below
         if key == "model":
             # fast_fdt may differ: both kernels compute the same (tests/test_train.py)
             diffs += [f"model.{k}: checkpoint {stored.get('model', {}).get(k)!r}, now {v!r}"
                       for k, v in now.items() if stored.get("model", {}).get(k) != v
                       and k != "fast_fdt"]
         elif key == "train_data":   # checkpoints written before it was recorded have none
-            changed = [k for k in now if key in stored and stored[key].get(k) != now[k]]
+            changed = [k for k in now if k in stored.get(key, {}) and stored[key][k] != now[k]]
             if changed:
                 diffs.append("train_data: the training split changed since the checkpoint: "
                              + ", ".join(f"images {stored[key][k]} -> {now[k]}" if k == "images"
-                                         else f"other {k}" for k in changed))
+                                         else CHANGES[k] for k in changed))
         elif stored.get(key) != now and not (key == "total_steps" and extend):
             hint = " (pass --extend to train for another length)" if key == "total_steps" else ""
             diffs.append(f"{key}: checkpoint {stored.get(key)!r}, now {now!r}{hint}")
@@ -217,11 +289,17 @@ def last_evaluation(history, step):
 # -----------------------------------------------------------------------------
 # stopping early without losing work
 
+# SIGHUP: the terminal closed or the ssh session dropped (POSIX only)
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP")
+                                                  else [])
+
+
 class Stops:
     """Why a run stops before its last step, and how it keeps its work.
 
-    Ctrl-C, or a scheduler's SIGTERM, finishes the current step; the run then checkpoints and exits
-    with 128 + the signal's number (130, 143), as a shell reports it: never a half-applied update.
+    Ctrl-C, a scheduler's SIGTERM, or SIGHUP (a closed terminal) finishes the current step; the run
+    then checkpoints and exits with 128 + the signal's number (130, 143, 129), as a shell reports
+    it: never a half-applied update.
     A second one stops at once, keeping the last checkpoint. A non-finite loss stops the run before
     it reaches a checkpoint. Used as a context: the previous signal handlers come back at its end.
     With several processes, `every` is how often they agree (the steps train.py logs at)."""
@@ -234,7 +312,7 @@ class Stops:
         self.losses = []            # (step, loss on the device) since the last check
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.receive) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.receive) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+from lib import data_checks
 
 SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "heart"]
 COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
@@ -53,6 +54,8 @@ WHERE = {(0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in the top ri
          (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right"}
 # shapes are drawn 4x larger, then averaged: anti-aliased edges
 SUPERSAMPLE = 4
+# a 64 px PNG is ~6 KB (8 KB in 4 KB blocks), its captions ~1.5 KB: room asked for up front
+BYTES_PER_IMAGE = 12 * 1024
 SPLIT_SEEDS = {"train2017": 0, "val2017": 1, "zeroshot": 2}
 GROUP = 4                               # training scenes per group: a scene and 3 edits of it
 # how often each edit makes a group member; a swap needs two colours, so one-object scenes get
@@ -343,8 +346,8 @@ def refuse_foreign(root: Path):
         what = "COCO with Karpathy's splits? train on it with --data karpathy"
     else:
         what = "the shapes world is generated only into a new or empty folder"
-    listed = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    raise ValueError(f"{root} holds {listed} without shapes.json: {what} (nothing was written)")
+    raise ValueError(f"{root} holds {data_checks.listed(found)} without shapes.json: {what} "
+                     "(nothing was written)")
 
 
 def _ours(annotation: Path) -> bool:
@@ -368,11 +371,28 @@ def prepare(root: str | Path, n_train: int = 20000, n_val: int = 1000, n_test_pe
               "version": 2}
     # written last: its presence means the whole dataset is there (ready)
     done = root / "shapes.json"
-    if done.exists() and json.loads(done.read_text()) == params:
-        return root
+    if done.exists():
+        if json.loads(done.read_text()) == params:
+            return root
+        raise ValueError(f"{root} holds a shapes world of other settings ({done.read_text()}), "
+                         f"not {json.dumps(params)}: it is not regenerated over; use it as it "
+                         "is, or pass a new folder (nothing was written)")
     refuse_foreign(root)
-    done.unlink(missing_ok=True)
     sizes = {"train2017": n_train, "val2017": n_val, "zeroshot": 64 * n_test_per_pair}
+    data_checks.check_space(root, BYTES_PER_IMAGE * sum(sizes.values()), f"the shapes world {root}")
+    try:
+        _generate(root, sizes, params)
+    except OSError as e:  # read-only, a full disk: from this process or a worker of the pool
+        raise ValueError(f"cannot write the shapes world in {root} ({e.strerror}); what was "
+                         "written is finished by the next run, given space and write access"
+                         ) from None
+    return root
+
+
+def _generate(root: Path, sizes: dict, params: dict):
+    seed, n_test_per_pair = params["seed"], params["n_test_per_pair"]
+    done = root / "shapes.json"
+    done.unlink(missing_ok=True)
     with multiprocessing.Pool() as pool:
         for split, n in sizes.items():
             (root / split).mkdir(parents=True, exist_ok=True)
@@ -390,7 +410,6 @@ def prepare(root: str | Path, n_train: int = 20000, n_val: int = 1000, n_test_pe
                        {"info": {"description": f"shapes {split}", **params}, "images": images,
                         "annotations": annotations})
     data.write_json(done, params)
-    return root
 
 
 def load_zeroshot(root: str | Path, image_size: int) -> dict:
@@ -424,6 +443,6 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     try:
         prepare(args.root)
-    except ValueError as e:  # a folder of other data
+    except ValueError as e:  # a folder of other data, no write access, a full disk
         raise SystemExit(f"error: {e}") from None
     print(f"shapes dataset ready in {args.root} ({time.perf_counter() - t0:.1f} s)")

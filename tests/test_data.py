@@ -1,5 +1,6 @@
 """data.py: tokenizer, COCO / Karpathy loading, the image cache, the loader and augmentation."""
 
+import io
 import json
 import os
 import shutil
@@ -309,12 +310,32 @@ def test_cache_is_keyed_on_its_contents_not_the_path(tmp_path, monkeypatch, read
     monkeypatch.chdir(tmp_path)
     data.load_split("coco", "a/../a/", "train", 16)                   # spelled another way: reused
     assert cache.stat().st_mtime_ns == stamp
-    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy)  # new times: cp -r
+    (tmp_path / "a").rename(tmp_path / "moved")
+    data.load_split("coco", tmp_path / "moved", "train", 16)           # moved: reused
+    assert (tmp_path / "moved" / "cache" / "train2017_16.npy").stat().st_mtime_ns == stamp
+    shutil.copytree(tmp_path / "moved", tmp_path / "b")                # times kept: cp -a
     read_only(tmp_path / "b")
     cs = data.load_split("coco", tmp_path / "b", "train", 16)          # nothing to write: it loads
     for image, f in zip(cs.images, files):
-        np.testing.assert_array_equal(image, reference(f, 16))
+        np.testing.assert_array_equal(image, reference(tmp_path / "b" / f.relative_to(
+            tmp_path / "a"), 16))
+    # new times (cp -r): as good as rewritten images, so the cache is rebuilt, not trusted
+    shutil.copytree(tmp_path / "moved", tmp_path / "c", copy_function=shutil.copy)
+    data.load_split("coco", tmp_path / "c", "train", 16)
+    assert (tmp_path / "c" / "cache" / "train2017_16.npy").stat().st_mtime_ns != stamp
 
+
+def test_an_image_rewritten_to_the_same_size_is_never_served_from_the_cache(tmp_path):
+    files = write_coco(tmp_path)
+    cs = data.load_split("coco", tmp_path, "train", 16)
+    assert cs.images.mean() > 50
+    for f in files:  # each image overwritten by a black one of the same byte size
+        size, black = f.stat().st_size, io.BytesIO()
+        Image.new("RGB", Image.open(f).size).save(black, format="PNG")
+        f.write_bytes(black.getvalue().ljust(size, b"\0"))  # bytes after IEND are ignored
+        assert f.stat().st_size == size
+    assert data.load_split("coco", tmp_path, "train", 16).images.max() == 0
+    
 
 def test_16_bit_pngs_are_scaled_and_float_images_refused(tmp_path):
     write_coco(tmp_path)
@@ -330,3 +351,20 @@ def test_16_bit_pngs_are_scaled_and_float_images_refused(tmp_path):
         data.load_split("coco", tmp_path, "train", 16)
 
 
+
+
+def test_an_image_out_of_proportion_is_named_before_it_is_decoded(tmp_path, monkeypatch):
+    files = write_coco(tmp_path)
+    Image.new("RGB", (60000, 1)).save(files[2].with_suffix(".png"))   # 256 bytes: 737 MB at 64 px
+    os.replace(files[2].with_suffix(".png"), files[2])
+    convert = Image.Image.convert
+    decoded = []
+    monkeypatch.setattr(Image.Image, "convert", lambda im, *a: decoded.append(im.size) or
+                        convert(im, *a))
+    with pytest.raises(ValueError) as e:
+        data.load_split("coco", tmp_path, "train", 64)
+    assert (f"1 of 5 images cannot be read:\n  {files[2]}: ValueError: 60000 x 1 px, an aspect "
+            "ratio of 60000:1: resizing it to 64 px would take 703 MB, over the 64 MB allowed "
+            "for one image; crop it or remove it") in str(e.value)
+    assert (60000, 1) not in decoded
+    assert data.load_split("coco", tmp_path, "train", 4).images.shape == (5, 4, 4, 3)  # 2.9 MB

@@ -3,7 +3,10 @@ is refused with a message that names it, or loses nothing written before it. The
 folder and the data have test files of their own (test_flags, test_run_folder, test_data_checks)."""
 
 import dataclasses
+import errno
 import json
+import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -243,3 +246,188 @@ def test_read_only_checkpoint_folder_shows_results_then_one_line(checkpoint, cap
         evaluation.main(["retrieval", "--ckpt", str(checkpoint), "--device", "cpu"])
     assert e.value.code != 0 and "rsum" in capsys.readouterr().out
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["ckpt.pt"]
+
+
+# -----------------------------------------------------------------------------
+# eval.py and the tools check their flags as train.py does: one line each
+
+def one_line(e, start):
+    assert str(e.value).startswith(start) and "\n" not in str(e.value), str(e.value)
+
+
+def test_eval_flags_are_checked_like_train_flags(checkpoint, capsys, read_only, tmp_path):
+    ckpt = ["--ckpt", str(checkpoint)]
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["retrieval", *ckpt, "--device", "banana"])
+    one_line(e, "error: --device 'banana' is not a device; expected cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["retrieval", *ckpt, "--device", "cuda"])
+        one_line(e, "error: --device cuda: this machine has no cuda device; use --device cpu")
+    for n in ("-5", "0"):
+        with pytest.raises(SystemExit) as e:
+            evaluation.main(["probe", *ckpt, "--device", "cpu", "--n-train", n])
+        assert e.value.code == 2 and (f"argument --n-train: expected an integer >= 1, got '{n}'"
+                                      in capsys.readouterr().err)
+    read_only(tmp_path / "figures")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["inspect", *ckpt, "--device", "cpu", "--text", "a red star",
+                         "--out", str(tmp_path / "figures")])
+    one_line(e, f"error: cannot write in the figure folder {tmp_path / 'figures'} (Read-only "
+                "file system); pass --out with a writable folder")
+
+
+def test_a_damaged_cifar_archive_is_named_not_blamed_on_the_network(checkpoint, tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["zeroshot", "--ckpt", str(checkpoint), "--device", "cpu", "--dataset",
+                         "cifar10", "--data-dir", str(tmp_path)])
+    one_line(e, f"error: {tmp_path / 'cifar-10-python.tar.gz'} is damaged (its MD5 is not ")
+
+
+def test_tools_check_flags_first_and_never_regenerate_a_world(shapes_root, tmp_path, capsys,
+                                                              monkeypatch):
+    from tools import bench, tower
+    world = broken_copy(shapes_root, tmp_path, lambda root: None)   # a custom 64-image world
+    before = tree(world)
+    for flag, value in (("--steps", "-5"), ("--lr", "nan"), ("--fdt-temperature", "-1"),
+                        ("--fdt-temperature", "0")):
+        with pytest.raises(SystemExit) as e:
+            tower.main(["--data-dir", str(world), flag, value])
+        assert e.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=rf"^{world} holds a shapes world of other settings .*: "
+                                         r"it is not regenerated over; use it as it is, or pass "
+                                         r"a new folder \(nothing was written\)$"):
+        shapes.prepare(world)                         # what tools.bench and tools.study call
+    coco = tmp_path / "coco"
+    write_coco_ids(coco, "train2017", [1])
+    (tmp_path / "a_file").write_text("x")
+    for folder, start in ((coco, f"error: {coco} holds annotations/captions_train2017.json "
+                                 "without shapes.json: a COCO folder?"),
+                          (tmp_path / "a_file", f"error: {tmp_path / 'a_file'} is a file")):
+        with pytest.raises(SystemExit) as e:
+            tower.main(["--data-dir", str(folder), "--steps", "1"])
+        one_line(e, start)
+    monkeypatch.setattr(tower.time, "time", lambda: 0.0)
+    tower.main(["--data-dir", str(world), "--steps", "1"])  # the custom world, used as it is
+    assert "step 1 | loss" in capsys.readouterr().out
+    assert {k: v for k, v in tree(world).items() if not k.startswith("cache/")} == before
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--device", "cuda", "--quick"])
+        one_line(e, "error: --device cuda: this machine has no cuda device; use --device cpu")
+
+
+# -----------------------------------------------------------------------------
+# a full disk, a read-only folder, a damaged cache: one line naming the path
+
+def test_a_damaged_cache_is_rebuilt_not_read(shapes_root, tmp_path):
+    root = broken_copy(shapes_root, tmp_path, lambda root: None)
+    right = data.load_split("shapes", root, "val", 16).images.copy()
+    cache = root / "cache" / "val2017_16.npy"
+    for damage in (b"", cache.read_bytes()[:1000]):            # zero bytes, then truncated
+        cache.write_bytes(damage)
+        np.testing.assert_array_equal(data.load_split("shapes", root, "val", 16).images, right)
+        assert cache.stat().st_size == right.nbytes + 128      # rebuilt whole
+
+
+def test_a_full_disk_is_named_before_the_cache_or_the_world_is_written(shapes_root, tmp_path,
+                                                                      monkeypatch):
+    root = broken_copy(shapes_root, tmp_path, lambda root: None)
+    full = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 5000, 5000)
+    monkeypatch.setattr(shutil, "disk_usage", full)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(root, tmp_path / "run", "--steps", "1"))
+    need = 64 * 64 * 64 * 3 + 4096
+    first = str(e.value).splitlines()[0]          # then the same for the other splits' caches
+    assert first == (f"error: not enough space for the image cache {root}/cache/"
+                     f"train2017_64.npy: it needs {need / 2**20:.1f} MB, {root} has "
+                     "0.0 MB free; free some space, or put the data on a larger disk")
+    assert not (root / "cache").exists() and not (tmp_path / "run" / "ckpt.pt").exists()
+    monkeypatch.undo()
+
+    def filled_up(fd, offset, length):              # the disk filled up after the check
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", filled_up, raising=False)
+    with pytest.raises(ValueError, match=rf"^cannot write the image cache {root}/cache/"
+                                         r"val2017_16.npy \(No space left on device\): the disk "
+                                         r"is full: free some space, or put the data on a larger "
+                                         r"disk$"):
+        data.load_split("shapes", root, "val", 16)
+    assert list((root / "cache").iterdir()) == []
+    monkeypatch.setattr(shutil, "disk_usage", full)
+    with pytest.raises(ValueError, match=rf"not enough space for the shapes world {tmp_path}/new: "
+                                         rf"it needs 15.0 MB, {tmp_path} has 0.0 MB free"):
+        shapes.prepare(tmp_path / "new", n_train=1216, n_val=64, n_test_per_pair=0)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.filterwarnings("ignore:'lib.shapes' found in sys.modules")
+def test_a_full_disk_or_read_only_folder_during_generation_is_one_line(tmp_path, monkeypatch,
+                                                                       read_only):
+    class FullDisk:  # what the worker pool raises when a worker's write fails
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def imap(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(shapes.multiprocessing, "Pool", FullDisk)
+        with pytest.raises(ValueError, match=rf"^cannot write the shapes world in {tmp_path}/a "
+                                             r"\(No space left on device\); "):
+            shapes.prepare(tmp_path / "a", n_train=4, n_val=4, n_test_per_pair=1)
+    read_only(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(tmp_path / "b", tmp_path / "run", "--steps", "1"))
+    assert str(e.value).startswith(f"error: cannot write in --out {tmp_path / 'run'}")
+    with pytest.raises(SystemExit) as e:     # a writable --out, a read-only new data folder
+        train.main(flags(tmp_path / "b", tmp_path.parent / f"{tmp_path.name}-run", "--steps",
+                         "1"))
+    assert str(e.value).startswith(f"error: cannot write the shapes world in {tmp_path / 'b'} "
+                                   "(Read-only file system)") and "\n" not in str(e.value)
+    shutil.rmtree(tmp_path.parent / f"{tmp_path.name}-run")
+    monkeypatch.setattr(sys, "argv", ["lib/shapes.py", "--root", str(tmp_path / "c")])
+    with pytest.raises(SystemExit) as e:                # python -m lib.shapes --root ...
+        runpy.run_module("lib.shapes", run_name="__main__")
+    assert str(e.value).startswith(f"error: cannot write the shapes world in {tmp_path / 'c'} "
+                                   "(Read-only file system)") and "\n" not in str(e.value)
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_one(shapes_root, tmp_path,
+                                                                            monkeypatch):
+    out = tmp_path / "run"
+    train.main(flags(shapes_root, out, "--steps", "1"))
+    before = (out / "ckpt.pt").read_bytes()
+
+    def full(obj, f):                       # the disk fills up half-way through the file
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full)
+        with pytest.raises(SystemExit) as e:
+            train.main(flags(shapes_root, out, "--steps", "2", "--resume", "--extend"))
+    assert str(e.value).startswith(f"error: cannot write {out / 'ckpt.pt'} (No space left on "
+                                   "device); ") and "\n" not in str(e.value)
+    assert str(e.value).endswith("free there; the previous checkpoint, if any, is intact: free "
+                                 "some space and run again with --resume")
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "curves.png",
+                                                     "lock", "metrics.jsonl"]
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 1
+    # known before training: no room for a checkpoint in --out
+    disk_usage = shutil.disk_usage
+    room = lambda path: (disk_usage(path)._replace(free=10**6)
+                         if Path(path).is_relative_to(tmp_path / "small") else disk_usage(path))
+    monkeypatch.setattr(shutil, "disk_usage", room)
+    monkeypatch.setattr(train, "train", lambda *a: pytest.fail("training began"))
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(shapes_root, tmp_path / "small", "--steps", "1"))
+    assert str(e.value).startswith(f"error: not enough space for a checkpoint in "
+                                   f"{tmp_path / 'small'}: it needs ") and "1.0 MB free" in str(
+        e.value)

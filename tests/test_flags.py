@@ -1,6 +1,7 @@
 """lib/flags.py: every bad flag of train.py and eval.py is one line before any data is read."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -59,6 +60,27 @@ def test_non_finite_and_out_of_range_numbers_are_flag_errors(argv, capsys):
     assert f"error: argument {flag}: expected " in err and err.endswith(f", got '{value}'\n")
 
 
+def test_logit_scale_clamps_beyond_what_exp_holds_are_flag_errors(capsys):
+    for flag in ("--logit-scale-min", "--logit-scale-max"):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args([flag, "1e308"])
+        assert e.value.code == 2
+        assert f"argument {flag}: expected a finite number >= -88.7 and <= 88.7, got '1e308'" in (
+            capsys.readouterr().err)
+    assert train.parse_args(["--logit-scale-max", "88"]).logit_scale_max == 88
+
+
+def test_a_batch_larger_than_the_split_is_refused_before_the_cache(shapes_root, tmp_path):
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_root, root, ignore=shutil.ignore_patterns("cache"))
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(root, tmp_path / "run", "--batch-size", "100000"))
+    assert str(e.value).startswith(f"error: {root}/annotations/captions_train2017.json: the train "
+                                   "split has 64 images, fewer than one batch of 100000 "
+                                   "(--batch-size)")
+    assert not (root / "cache" / "train2017_64.npy").exists()
+
+
 def test_an_n_fdt_beyond_memory_is_refused_with_what_it_needs(capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--n-fdt", "1000000000"])
@@ -110,3 +132,18 @@ def test_train_test_overlap_refused_across_layouts(tmp_path):
     with pytest.raises(SystemExit, match="cannot check .*--allow-overlap"):
         refuse_overlap({"data": {"source": "coco", "root": str(tmp_path / "gone")}},
                        "coco", root, "val", allow=False)
+
+
+def test_a_missing_karpathy_file_gets_the_advice_to_get_it(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_ids(root, "train2017", [1, 2])
+    coco_ckpt = {"data": {"source": "coco", "root": str(root)}}
+    refuse_overlap(coco_ckpt, "karpathy", root, "test", allow=False)  # loading it says the rest
+    with pytest.raises(FileNotFoundError, match=r"no .*dataset_coco.json: get dataset_coco.json "
+                                                r"from Karpathy's caption_datasets.zip"):
+        data.load_split("karpathy", root, "test", 16)
+    with pytest.raises(SystemExit) as e:            # SugarCrepe reads val2017's images itself
+        refuse_overlap(coco_ckpt, "coco", root, "val", allow=False, loaded=False)
+    assert str(e.value) == ("error: cannot check that coco val is disjoint from the checkpoint's "
+                            f"training split: no {root}/annotations/captions_val2017.json; put it "
+                            "there, or pass --allow-overlap to evaluate anyway")

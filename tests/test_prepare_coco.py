@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from tools import prepare_coco
 from tools.prepare_coco import download_coco
 
 # -----------------------------------------------------------------------------
@@ -111,3 +112,15 @@ def test_download_checksum_mismatch_keeps_file(tmp_path):
         assert not (tmp_path / "val2017.zip").exists() and not (tmp_path / "val2017").exists()
     finally:
         server.close()
+
+
+def test_never_downloads_into_a_folder_of_other_data(shapes_root, tmp_path):
+    before = sorted(p.name for p in shapes_root.iterdir())
+    with pytest.raises(SystemExit) as e:
+        prepare_coco.main([str(shapes_root)])
+    assert str(e.value) == (f"error: the COCO download into {shapes_root} stopped: {shapes_root} "
+                            "holds shapes.json, zeroshot, which a COCO download does not write: "
+                            "COCO is "
+                            "downloaded only into a new or empty folder, or one of its own "
+                            "(nothing was written)")
+    assert sorted(p.name for p in shapes_root.iterdir()) == before

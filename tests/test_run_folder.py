@@ -69,6 +69,48 @@ def test_an_out_with_a_checkpoint_is_resumed_or_overwritten_on_purpose(shapes_ro
         train.parse_args(["--resume", "--overwrite"])
 
 
+def test_an_out_with_files_no_run_wrote_is_refused_unless_overwrite(shapes_root, tmp_path,
+                                                                     monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {"config.json": b'{"my": "settings"}', "notes.txt": b"mine", "metrics.jsonl": b"{}\n"}
+    for name, content in mine.items():
+        (out / name).write_bytes(content)
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_split", no_data_read)
+        with pytest.raises(SystemExit) as e:
+            train.main(flags(shapes_root, out, "--steps", "1"))
+    assert str(e.value) == (f"error: --out {out} holds config.json, metrics.jsonl, notes.txt, "
+                            "which no run wrote: pass a new or empty folder (--overwrite writes "
+                            "the run into it anyway, replacing any of ckpt.pt, config.json, "
+                            "metrics.jsonl, curves.png, lock)")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == mine
+    # what a run stopped before its first checkpoint leaves is a run's: started afresh
+    (out / "notes.txt").unlink()
+    (out / "metrics.jsonl").unlink()
+    (out / "config.json").write_text(json.dumps({"args": {}, "model": {}, "world_size": 1}))
+    (out / "lock").write_text("")
+    train.main(flags(shapes_root, out, "--steps", "1"))
+    assert step_of(out) == 1
+    (out / "notes.txt").write_text("mine")          # --resume writes only the run's own files
+    train.main(flags(shapes_root, out, "--steps", "2", "--resume", "--extend"))
+    assert step_of(out) == 2 and (out / "notes.txt").read_text() == "mine"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "curves.png").write_bytes(b"my figure")
+    train.main(flags(shapes_root, tmp_path / "other", "--steps", "1", "--overwrite"))
+    assert step_of(tmp_path / "other") == 1
+
+
+def test_every_flag_is_checked_before_anything_is_written(shapes_root, tmp_path):
+    for extra, message in ((["--amp", "fp16"], "error: --amp fp16 needs CUDA, and --device is "
+                                               "cpu; use --amp bf16 or --amp off"),
+                           (["--device", "banana"], "error: --device 'banana' is not a device")):
+        with pytest.raises(SystemExit) as e:
+            train.main(flags(shapes_root, tmp_path / "run", "--steps", "1", *extra))
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+        assert not (tmp_path / "run").exists()
+
+
 def test_out_and_data_dir_mistakes_are_one_line(shapes_root, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_split", no_data_read)
     a_file = tmp_path / "a_file"
@@ -127,9 +169,25 @@ def test_resume_names_a_changed_training_split(shapes_root, tmp_path):
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != gone["id"]]
     captions.write_text(json.dumps(coco))
     (root / "train2017" / gone["file_name"]).unlink()
-    with pytest.raises(SystemExit, match="changed since the checkpoint: images 64 -> 63, other "
-                                         "file names, other file sizes, other captions$"):
+    with pytest.raises(SystemExit, match=r"changed since the checkpoint: images 64 -> 63, other "
+                                         r"file names, other file sizes, images rewritten \(other "
+                                         r"modification times\), other captions$"):
         train.main(flags(root, tmp_path / "run", "--steps", "1", "--resume"))
+
+
+def test_resume_names_rewritten_images_and_accepts_a_moved_folder(shapes_root, tmp_path):
+    root = broken_copy(shapes_root, tmp_path, lambda root: None)
+    train.main(flags(root, tmp_path / "run", "--steps", "1"))
+    moved = root.rename(tmp_path / "moved")        # the same files, elsewhere: resumes
+    train.main(flags(moved, tmp_path / "run", "--steps", "2", "--resume", "--extend"))
+    assert step_of(tmp_path / "run") == 2
+    image = moved / "train2017" / "000000000000.png"
+    image.write_bytes(image.read_bytes())          # rewritten in place, same size
+    os.utime(image, ns=(1, 1))
+    with pytest.raises(SystemExit, match=r"train_data: the training split changed since the "
+                                         r"checkpoint: images rewritten \(other modification "
+                                         r"times\)$"):
+        train.main(flags(moved, tmp_path / "run", "--steps", "3", "--resume", "--extend"))
 
 
 def test_damaged_metrics_stop_the_resume_and_lose_nothing(shapes_root, tmp_path):
@@ -191,6 +249,25 @@ def test_sigterm_checkpoints_like_ctrl_c_and_restores_the_handlers(shapes_root, 
     finally:
         signal.signal(signal.SIGTERM, default_sigterm)
     assert (f"interrupted (SIGTERM) at step 2: saved {tmp_path / 'ckpt.pt'}; run again with the "
+            "same flags and --resume to continue") in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_sighup_checkpoints_like_sigterm(shapes_root, tmp_path, monkeypatch, capsys):
+    real_lr_at = train.lr_at
+    def sighup_at_step_1(step, *args):     # the terminal closes during step 1
+        if step == 1:
+            signal.raise_signal(signal.SIGHUP)
+        return real_lr_at(step, *args)
+    monkeypatch.setattr(train, "lr_at", sighup_at_step_1)
+    received = []           # the previous handler (conftest restores the one before it)
+    before = lambda *_: received.append(1)
+    signal.signal(signal.SIGHUP, before)
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags(shapes_root, tmp_path, "--steps", "4", "--eval-every", "2"))
+    assert stop.value.code == 129 and step_of(tmp_path) == 2
+    assert signal.getsignal(signal.SIGHUP) is before and received == []   # train.py's had it
+    assert (f"interrupted (SIGHUP) at step 2: saved {tmp_path / 'ckpt.pt'}; run again with the "
             "same flags and --resume to continue") in capsys.readouterr().out
 
 

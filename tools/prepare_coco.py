@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lib.data_checks import listed
+
 
 COCO_URL = "http://images.cocodataset.org/"
 # file name -> (path under the base URL, "algorithm:hexdigest" or None for a size check only).
@@ -75,11 +77,29 @@ def _fetch(url: str, target: Path, checksum: str | None, retries: int):
     os.replace(part, target)
 
 
+def refuse_foreign(dest: Path, files: dict):
+    """ValueError unless dest is missing, empty or holds only what a COCO download puts there
+    (its zips and their temporaries, the extracted folders, Karpathy's file, the image cache): the
+    zips extract over whatever else is there, a shapes world's annotations say."""
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest} is a file; pass a folder for COCO")
+    ours = {"annotations", "train2017", "val2017", "cache", "dataset_coco.json",
+            "caption_datasets.zip"}
+    ours |= {f"{name}{end}" for name in files for end in ("", ".part", ".bad")}
+    ours |= {f".{name}.extracted" for name in files}
+    found = sorted(p.name for p in dest.iterdir() if p.name not in ours) if dest.exists() else []
+    if found:
+        raise ValueError(f"{dest} holds {listed(found)}, which a COCO download does not "
+                         "write: COCO is downloaded only into a new or empty folder, or one of "
+                         "its own (nothing was written)")
+
+
 def download_coco(dest: str | Path, files: dict = COCO_FILES, base_url: str = COCO_URL,
                   retries: int = 5) -> Path:
     """Downloads and extracts COCO 2017 (images and caption annotations) into dest, giving the
     layout load_split("coco", dest, ...) reads. Finished zips are kept and never fetched again."""
     dest = Path(dest)
+    refuse_foreign(dest, files)
     dest.mkdir(parents=True, exist_ok=True)
     for name, (path, checksum) in files.items():
         target = dest / name
@@ -100,7 +120,8 @@ def main(argv: list[str] | None = None):
     try:
         root = download_coco(args.dest)
     # no network, a bad file
-    except (OSError, http.client.HTTPException, RuntimeError, zipfile.BadZipFile) as e:
+    except (OSError, http.client.HTTPException, RuntimeError, ValueError,
+            zipfile.BadZipFile) as e:
         raise SystemExit(f"error: the COCO download into {args.dest} stopped: {e}") from None
     print(f"COCO 2017 ready in {root}")
 

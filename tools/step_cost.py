@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from lib import shapes
+from lib.data_checks import clear_errors
+from lib.flags import number
 from model import CLIP, PRESETS, contrastive_loss, word_loss
 
 OLD = dict(patch_size=8, text_layers=4)    # the tiny preset before 16 px patches and 2 text layers
@@ -47,13 +49,13 @@ def make_step(config, images, tokens):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default="data/shapes", help="the shapes world (made if missing)")
-    p.add_argument("--rounds", type=int, default=8, help="timed steps of each candidate")
+    p.add_argument("--rounds", type=number(int, 1), default=8, help="timed steps of each candidate")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
 
-    shapes.prepare(args.data_dir)
-    train = data.load_split("shapes", args.data_dir, "train", PRESETS["tiny"].image_size)
+    with clear_errors():  # a file, a COCO folder, a full disk: one line
+        if not shapes.ready(args.data_dir):  # a world of any size is used as it is
+            shapes.prepare(args.data_dir)
+        train = data.load_split("shapes", args.data_dir, "train", PRESETS["tiny"].image_size)
     tokenizer = data.Tokenizer.build([c for cs in train.captions for c in cs],
                                      PRESETS["tiny"].context_length)
     captions = [cs[0] for cs in train.captions[:128]]

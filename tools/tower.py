@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 import data
 from lib import shapes
+from lib.data_checks import clear_errors
+from lib.flags import number
 from model import CLIP, PRESETS
 
 
@@ -28,23 +30,27 @@ def main(argv=None):
     p.add_argument("--model", choices=["fdt", "clip"], default="fdt")
     p.add_argument("--stem-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="BatchNorm in the conv stem (default: the preset's)")
-    p.add_argument("--fdt-temperature", type=float, default=None, help="default: the preset's")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fdt-temperature", type=number(float, 0, low_open=True), default=None,
+                   help="default: the preset's")
+    p.add_argument("--steps", type=number(int, 1), default=300)
+    p.add_argument("--lr", type=number(float, 0, 1, low_open=True), default=1e-3)
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0)
     args = p.parse_args(argv)
 
-    shapes.prepare(args.data_dir)
     config = replace(PRESETS[args.preset], head=args.model)
     for key in ("stem_norm", "fdt_temperature"):
         if getattr(args, key) is not None:
             config = replace(config, **{key: getattr(args, key)})
-    train = data.load_split("shapes", args.data_dir, "train", config.image_size)
+    with clear_errors():  # a file, a COCO folder, a full disk: one line
+        if not shapes.ready(args.data_dir):  # a world of any size is used as it is
+            shapes.prepare(args.data_dir)
+        train = data.load_split("shapes", args.data_dir, "train", config.image_size)
     present = torch.zeros(len(train.images), len(shapes.SHAPES))              # (N, 8) multi-hot
     for i, entry in enumerate(train.entries):
         for o in entry["objects"]:
             present[i, shapes.SHAPES.index(o["shape"])] = 1
-    test = shapes.load_zeroshot(args.data_dir, config.image_size)
+    with clear_errors():
+        test = shapes.load_zeroshot(args.data_dir, config.image_size)
 
     torch.manual_seed(args.seed)
     model = CLIP(config)
