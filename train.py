@@ -255,9 +255,9 @@ def setup(args, device, rank, world_size):
     raw_model.visual.patch_embed.requires_grad_(not args.freeze_patch_embed)
     optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")
-    # bf16 needs no loss scaling. fp16 starts at 2**10, not the default 2**16: from there the
-    # first six steps' gradients overflow and are skipped (the tiny preset on shapes)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10, enabled=args.amp == "fp16")
+    # bf16 needs no loss scaling. fp16 starts at 2**9, not the default 2**16: from there the
+    # first seven steps' gradients overflow and are skipped (the tiny preset on shapes)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**9, enabled=args.amp == "fp16")
     total_steps = args.steps or args.epochs * len(loader)
     settings = run_folder.run_settings(args, config, total_steps, train_set)
     step = run_folder.resume(ckpt, settings, args, raw_model, optimizer, scaler) if ckpt else 0

@@ -117,7 +117,7 @@ def test_hue_basis_is_a_rotation_of_the_yiq_chroma_plane():
 def test_fp16_loss_scale_lets_the_first_steps_update_the_weights(shapes_root, tmp_path,
                                                                  monkeypatch):
     """train.py's GradScaler settings, replayed on the CPU (fp16 autocast, tiny preset): from the
-    default scale 2**16 the first six steps overflow and are skipped."""
+    default scale 2**16 the first seven steps overflow and are skipped."""
     made = []
 
     class Stop(Exception):
