@@ -237,7 +237,7 @@ class CLIP(nn.Module):
             self.image_query = fdt.QueryMap(c.vision_width, c.embed_dim)
             self.text_query = fdt.QueryMap(c.text_width, c.embed_dim)
             # the same parameters and results either way (tests/test_fdt.py); the fast kernels skip
-            # the (B, T, n_fdt) relevances in backward and sorting every row in sparsemax
+            # the (B, L, n_fdt) relevances in backward and sorting every row in sparsemax
             FDT = fdt_fast.FDT if c.fast_fdt else fdt.FDT
             self.fdt = FDT(c.n_fdt, c.embed_dim, c.fdt_temperature, c.fdt_activation)
         else:
