@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fdt
 import train
-from data import EOT, PAD
+from data import EOT, PAD, Tokenizer
 from fdt import sparsemax
 from lib import fdt_fast, metrics
 from model import CLIP, PRESETS, contrastive_loss
@@ -247,3 +247,25 @@ def test_lr_cosine_shape_and_zero_at_the_end():
     assert train.lr_at(total + 7, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
     lrs = [train.lr_at(s, total, warmup, peak) for s in range(warmup, total + 1)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))                   # never rises after warm-up
+
+
+# -----------------------------------------------------------------------------
+# the zero-shot classifier: per class, the renormalised mean of its templates' unit embeddings
+
+
+def test_zeroshot_classifier_is_the_renormalised_template_mean():
+    model = small_text_model()
+    words = "a photo of the red blue pink circle star ring small"
+    tokenizer = Tokenizer.build([words], context_length=10)
+    # 4 classes and 3 templates: an average over the wrong axis cannot pass
+    classes = ["red circle", "blue star", "pink ring", "small red star"]
+    templates = ["a photo of the {}", "the {}", "a {} photo"]
+    got = metrics.zeroshot_classifier(model, tokenizer, classes, templates, "cpu")
+    assert got.shape == (4, 16)
+    with torch.no_grad():
+        for c, row in zip(classes, got):
+            unit = model.encode_text(tokenizer.encode([t.format(c) for t in templates])).double()
+            mean = unit.mean(dim=0)
+            torch.testing.assert_close(row.double(), mean / mean.norm(), atol=1e-5, rtol=0)
+    with pytest.warns(UserWarning, match="never occurred.*'ebra'"):
+        metrics.zeroshot_classifier(model, tokenizer, ["red zebra"], templates, "cpu")
