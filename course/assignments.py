@@ -82,11 +82,12 @@ ASSIGNMENTS = {
         functions=["fdt.py:FDT.pooled_relevance"],
         # training uses fdt_fast.FDT's own pooling, so only the tests of the plain layer, the
         # equivalence tests and bench's plain-vs-fast rows depend on this one
-        graders=FDT_LAYER + ["test_fdt_forward_matches_plain_composite",
-                             "test_fdt_softmax_mode_is_dense_and_normalised",
-                             "test_max_pooled_relevance_matches_plain_autograd",
-                             "test_fp16_overflow_of_relevances_is_not_silent",
-                             "test_quick_run_prints_every_row"],
+        graders=["test_plain_pooling_is_the_max_over_real_positions_without_the_fast_kernel"]
+        + FDT_LAYER + ["test_fdt_forward_matches_plain_composite",
+                       "test_fdt_softmax_mode_is_dense_and_normalised",
+                       "test_max_pooled_relevance_matches_plain_autograd",
+                       "test_fp16_overflow_of_relevances_is_not_silent",
+                       "test_quick_run_prints_every_row"],
         minutes=20,
         seconds=60,
         copy_plain=["lib/fdt_fast.py:FDT.pooled_relevance"],

@@ -186,6 +186,29 @@ def test_sparsemax_row_without_a_finite_entry_is_nan_where_nothing_checks(monkey
 
 
 # -----------------------------------------------------------------------------
+# the plain layer pools by itself
+
+
+def test_plain_pooling_is_the_max_over_real_positions_without_the_fast_kernel(monkeypatch):
+    """fdt.FDT.pooled_relevance against a loop over each caption's real positions, with
+    lib/fdt_fast.py's kernel made to refuse: a student copy leaves that kernel out, so a pooling
+    that called it would work only in the instructor's copy."""
+    def refuse(*args):
+        raise AssertionError("fdt.FDT.pooled_relevance called lib/fdt_fast.py's kernel")
+    monkeypatch.setattr(fdt_fast.MaxPooledRelevance, "apply", refuse)
+    torch.manual_seed(0)
+    layer = fdt.FDT(12, 4, temperature=1.0)
+    queries = torch.randn(3, 5, 4)
+    mask = torch.tensor([[True] * 5, [True, False, True, False, False], [False] * 4 + [True]])
+    got = layer.pooled_relevance(queries, mask)
+    r = layer.relevance(queries).tolist()
+    for b in range(3):
+        for k in range(12):
+            want = max(r[b][p][k] for p in range(5) if mask[b, p])
+            assert got[b, k].item() == pytest.approx(want, rel=1e-6, abs=1e-7), (b, k)
+
+
+# -----------------------------------------------------------------------------
 # recall@k: a right answer at rank exactly k (k better wrong ones) is not in the top k
 
 
