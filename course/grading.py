@@ -43,7 +43,8 @@ def submitted_function(submission, target):
     try:
         func = find_function(ast.parse(source), qualname)
     except SyntaxError as e:
-        raise LookupError(f"{file} does not parse: line {e.lineno}: {e.msg}") from None
+        where = f" at line {e.lineno}" if e.lineno else ""
+        raise LookupError(f"{file} does not parse{where}: {e.msg}") from None
     except LookupError as e:
         raise LookupError(f"{file}: {e}") from None
     return function_lines(source, func), func.col_offset

@@ -296,6 +296,20 @@ def test_stopping_the_grader_stops_every_process_it_started(stop, tmp_path):
     assert not alive(int(pids.read_text()))
 
 
+def test_a_submission_without_its_function_fails_saying_what_is_missing(tmp_path, capsys):
+    names = ["sparsemax-backward", "contrastive-loss", "lr-schedule"]
+    student = assign.write_copy(tmp_path / "student", names)
+    (student / "fdt.py").write_text("import torch\n")
+    (student / "model.py").unlink()
+    (student / "train.py").write_text("def lr_at(step:\n")
+    assert not grading.grade(student, names)
+    assert summary(capsys.readouterr().out, names) == [
+        ("FAIL", names[0], "(fdt.py: no SparsemaxFunction.backward (no 'SparsemaxFunction' where "
+                           "it should be))"),
+        ("FAIL", names[1], "(the submission has no model.py)"),
+        ("FAIL", names[2], "(train.py does not parse at line 1: '(' was never closed)")]
+
+
 def judged(tmp_path, events, graders=("test_a", "test_b"), finished=True):
     """judge() of an assignment with these graders on a run that logged these events."""
     log = tmp_path / "events.jsonl"
