@@ -1,5 +1,5 @@
-"""Data: the tokenizer, COCO-format caption sets, the prepared-image cache and batched loading.
-The lesson of this file: how to feed a GPU without decoding a JPEG in the loop.
+"""Data: the tokenizer, COCO-format caption sets, the prepared-image cache and the loader. The
+lesson of this file: how to feed a GPU without decoding a JPEG in the loop.
 
 Every source is (or is written as) a COCO-format caption file plus a folder of images, so one code
 path serves them all (lib/shapes.py writes the shapes world in that format; tools/prepare_coco.py
@@ -8,20 +8,20 @@ downloads COCO):
     Tokenizer            tiktoken cl100k_base BPE, mapped to a compact vocabulary of the BPE ids
                          seen in the training captions (0 = pad, 1 = unknown, 2 = end of text)
     load_split           "shapes" | "coco" | "karpathy" -> CaptionSet (uint8 images + captions)
-    load_splits          several splits, every problem of every one named in one error
+    cached_images        every image decoded once into a uint8 memmap
     TrainLoader          random caption per image, batches read from the cache (no decoding)
-    preprocess           uint8 batches -> normalised float (lib/augment.py: with augmentation)
+    preprocess           uint8 batches -> normalised float for the model
 
 Images are decoded once per (split, resolution) into a uint8 memmap next to the captions (as
-nanoGPT does with tokens), so training never waits for JPEG decoding.
+nanoGPT does with tokens), so training never waits for JPEG decoding. What can be wrong with the
+files (a caption file that is not what it claims, missing or unreadable images, a cache that cannot
+be written) is checked in lib/data_checks.py, which names every problem of every split at once.
 """
 
 import functools
-import hashlib
 import json
 import os
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,8 @@ import tiktoken
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from lib import data_checks
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -139,79 +141,17 @@ class CaptionSet:
     entries: list[dict]
 
 
-def _read_json(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:  # its position counts from the chunk read, not the file start
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} is not UTF-8); "
-                         "save it as UTF-8") from None
-    except (IsADirectoryError, PermissionError) as e:
-        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
-
-
-def write_atomic(path: Path, text: str):
-    """Written under a temporary name, flushed to disk and renamed, so a reader (or a run killed at
-    any moment) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj):
-    write_atomic(path, json.dumps(obj))
-
-
-@contextmanager
-def clear_errors(what: str = ""):
-    """The loaders here (and checkpoint loading) raise FileNotFoundError / ValueError with a
-    message that says what to fix: a command line shows only that message, not a traceback."""
-    try:
-        yield
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {what}{e}") from None
-
-
-def _check(ok: bool, path: Path, what: str):
-    if not ok:
-        raise ValueError(f"{path}: {what}")
-
-
 def _read_coco(ann_file: Path, image_dir: Path) -> tuple[list[Path], list[list[str]], list[dict]]:
-    """COCO captions JSON -> (image paths, captions per image, image entries), in file order."""
-    data = _read_json(ann_file)
-    _check(isinstance(data, dict) and isinstance(data.get("images"), list)
-           and isinstance(data.get("annotations"), list), ann_file,
-           "expected a COCO captions object with lists 'images' and 'annotations'")
-    entries, index = data["images"], {}
-    for k, im in enumerate(entries):
-        _check(isinstance(im, dict) and isinstance(im.get("id"), int)
-               and isinstance(im.get("file_name"), str),
-               ann_file, f"images[{k}] needs an integer 'id' and a string 'file_name'")
-        _check(im["id"] not in index, ann_file, f"images[{k}]: duplicate image id {im['id']}")
-        index[im["id"]] = k
-    captions, empty = [[] for _ in entries], []
-    for k, ann in enumerate(data["annotations"]):
-        _check(isinstance(ann, dict) and isinstance(ann.get("caption"), str), ann_file,
-               f"annotations[{k}] needs a string 'caption'")
-        _check(ann.get("image_id") in index, ann_file,
-               f"annotations[{k}] refers to image_id {ann.get('image_id')!r}, "
-               "which is not in 'images'")
+    """COCO captions JSON -> (image paths, captions per image, image entries), in file order. The
+    captions of an image are its annotations, wherever they are in the file."""
+    coco = data_checks.read_json(ann_file)
+    data_checks.check_coco(coco, ann_file)
+    index = {im["id"]: k for k, im in enumerate(coco["images"])}
+    captions = [[] for _ in coco["images"]]
+    for ann in coco["annotations"]:
         # some COCO captions end in " \n"
         captions[index[ann["image_id"]]].append(ann["caption"].strip())
-        if not captions[index[ann["image_id"]]][-1]:  # it would train the image to match nothing
-            empty.append(f"annotations[{k}] of {entries[index[ann['image_id']]]['file_name']}")
-    _check(not empty, ann_file, f"{len(empty)} captions are empty or only whitespace: "
-                                + ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
-    bare = [im["file_name"] for im, caps in zip(entries, captions) if not caps]
-    _check(not bare, ann_file, f"{len(bare)} images have no caption, e.g. {bare[:5]}")
-    return [image_dir / im["file_name"] for im in entries], captions, entries
+    return [image_dir / im["file_name"] for im in coco["images"]], captions, coco["images"]
 
 
 # Karpathy's splits in dataset_coco.json: train = train + restval, the standard 113k / 5k / 5k
@@ -221,22 +161,11 @@ KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("tes
 def _read_karpathy(json_file: Path, root: Path,
                    split: str) -> tuple[list[Path], list[list[str]], list[dict]]:
     """Karpathy's dataset_coco.json, one of KARPATHY_SPLITS."""
-    data = _read_json(json_file)
-    _check(isinstance(data, dict) and isinstance(data.get("images"), list), json_file,
-           "expected an object with a list 'images'")
-    wanted = KARPATHY_SPLITS[split]
+    karpathy = data_checks.read_json(json_file)
+    data_checks.check_karpathy(karpathy, json_file)
     files, captions, entries = [], [], []
-    for k, im in enumerate(data["images"]):
-        _check(isinstance(im, dict) and im.get("split") in ("train", "restval", "val", "test")
-               and isinstance(im.get("filename"), str) and isinstance(im.get("sentences"), list)
-               and im["sentences"]
-               and all(isinstance(s, dict) and isinstance(s.get("raw"), str)
-                       for s in im["sentences"]),
-               json_file, f"images[{k}] needs 'split' (train/restval/val/test), 'filename' and "
-                          "non-empty 'sentences' with a string 'raw' each")
-        _check(all(s["raw"].strip() for s in im["sentences"]), json_file,
-               f"images[{k}] ({im['filename']}) has a caption that is empty or only whitespace")
-        if im["split"] not in wanted:
+    for im in karpathy["images"]:
+        if im["split"] not in KARPATHY_SPLITS[split]:
             continue
         path = root / im.get("filepath", "") / im["filename"]
         if not path.exists() and "cocoid" in im:  # the same image under its COCO 2017 name
@@ -260,29 +189,28 @@ def load_split(source: str, root: str | Path, split: str, image_size: int) -> Ca
     if split == "zeroshot" and source != "shapes":
         raise ValueError(f"the zeroshot split is the shapes world's; {source} has none")
     if source == "karpathy":
-        json_file = root / "dataset_coco.json"
-        if not json_file.exists():
+        caption_file = root / "dataset_coco.json"
+        if not caption_file.exists():
             raise FileNotFoundError(
-                f"no {json_file}: get dataset_coco.json from Karpathy's caption_datasets.zip "
+                f"no {caption_file}: get dataset_coco.json from Karpathy's caption_datasets.zip "
                 "(https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip) "
                 f"and put it next to the COCO images (`python -m tools.prepare_coco {root}`)")
-        files, captions, entries = _read_karpathy(json_file, root, split)
+        files, captions, entries = _read_karpathy(caption_file, root, split)
         name = f"karpathy_{split}"
     elif source in ("shapes", "coco"):
         name = {"train": "train2017", "zeroshot": "zeroshot"}.get(split, "val2017")
-        ann_file = root / "annotations" / f"captions_{name}.json"
-        if not ann_file.exists():
+        caption_file = root / "annotations" / f"captions_{name}.json"
+        if not caption_file.exists():
             raise FileNotFoundError(
                 f"no shapes dataset at {root}: generate it with "
                 f"`python -m lib.shapes --root {root}` "
                 "(train.py does this on first use)" if source == "shapes" else
-                f"no COCO captions at {ann_file}: download COCO 2017 with "
+                f"no COCO captions at {caption_file}: download COCO 2017 with "
                 f"`python -m tools.prepare_coco {root}`")
-        files, captions, entries = _read_coco(ann_file, root / name)
+        files, captions, entries = _read_coco(caption_file, root / name)
     else:
         raise ValueError(f"unknown data source {source!r}; expected shapes, coco or karpathy")
-    _check(len(files) > 0, json_file if source == "karpathy" else ann_file,
-           f"the {split} split has no images")
+    data_checks.check(len(files) > 0, caption_file, f"the {split} split has no images")
     images = cached_images(files, root / "cache" / f"{name}_{image_size}", image_size)
     return CaptionSet(images, captions, [str(f) for f in files], entries)
 
@@ -291,18 +219,8 @@ def load_splits(source: str, root: str | Path, splits: list[str], image_size: in
                 ) -> list[CaptionSet]:
     """load_split of each split, in order. Every split is read even after one failed, and one error
     names every problem of all of them: the data is fixed in one go, not one split per run."""
-    sets, problems = [], []
-    for split in splits:
-        try:
-            sets.append(load_split(source, root, split, image_size))
-        except (FileNotFoundError, ValueError) as e:
-            problems.append(e)
-    messages = list(dict.fromkeys(map(str, problems)))  # a missing dataset: said once
-    if len(messages) == 1:
-        raise problems[0]
-    if messages:
-        raise ValueError("\n".join(messages))
-    return sets
+    return data_checks.one_report([functools.partial(load_split, source, root, split, image_size)
+                                   for split in splits])
 
 
 def image_ids(source: str, root: str | Path, split: str) -> set[int]:
@@ -311,12 +229,12 @@ def image_ids(source: str, root: str | Path, split: str) -> set[int]:
     root = Path(root)
     if source == "karpathy":
         wanted = KARPATHY_SPLITS[split]
-        entries = _read_json(root / "dataset_coco.json")["images"]
+        entries = data_checks.read_json(root / "dataset_coco.json")["images"]
         return {im["cocoid"] for im in entries if im.get("split") in wanted and "cocoid" in im}
     if source == "coco":
         name = "train2017" if split == "train" else "val2017"
-        return {im["id"]
-                for im in _read_json(root / "annotations" / f"captions_{name}.json")["images"]}
+        caption_file = root / "annotations" / f"captions_{name}.json"
+        return {im["id"] for im in data_checks.read_json(caption_file)["images"]}
     raise ValueError(f"image ids are defined for coco and karpathy, not {source!r}")
 
 
@@ -368,59 +286,16 @@ def _decode_or_error(path: Path, size: int) -> tuple[np.ndarray | None, str | No
         return None, f"{type(e).__name__}: {e}"  # each is this file's; the others still get named
 
 
-def _check_images(files: list[Path], folder: Path) -> tuple[str, list[int], list[str], list[str]]:
-    """(fingerprint, indices of the files found, missing, unreadable). The fingerprint hashes every
-    image's path relative to `folder` and its size: what the cache holds, whichever way the data
-    folder is spelled and wherever it is moved or copied (an image edited in place to the same size
-    goes unnoticed)."""
-    h, found, missing, unreadable = hashlib.sha1(), [], [], []
-    for i, f in enumerate(files):
-        try:
-            st = os.stat(f)
-        except (FileNotFoundError, NotADirectoryError):
-            missing.append(str(f))
-            continue
-        except OSError as e:  # a symlink loop, no permission
-            unreadable.append(f"{f}: {e.strerror}")
-            continue
-        except ValueError:  # os.stat refuses the name
-            unreadable.append(f"{str(f)!r}: a NUL character in the file name")
-            continue
-        found.append(i)
-        h.update(f"{os.path.relpath(f, folder)}\t{st.st_size}\n".encode())
-    return h.hexdigest(), found, missing, unreadable
-
-
-def _image_problems(missing: list[str], unreadable: list[str], n: int) -> list[str]:
-    """The lines that name every missing and unreadable image (up to 10 of each); [] if none."""
-    lines = [f"{len(items)} of {n} images {what}:\n  " + "\n  ".join(items[:10])
-             + ("\n  ..." if len(items) > 10 else "")
-             for what, items in (("are missing", missing), ("cannot be read", unreadable)) if items]
-    if not lines:
-        return []
-    return lines + ["re-download or replace them (or remove their entries from the caption file)"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
     """(N, size, size, 3) uint8 memmap of the decoded images at `cache`.npy, (re)built when the
     images or the resolution changed. The array is written under a temporary name and renamed, and
     `cache`.json, which says what it holds, is written after it: a half-written cache is never used.
     Missing and unreadable images are named all at once, after every image was tried."""
-    fingerprint, found, missing, unreadable = _check_images(files, cache.parent)
+    fingerprint, found, missing, unreadable = data_checks.check_images(files, cache.parent)
     meta = {"fingerprint": fingerprint, "image_size": size, "count": len(files)}
     array, meta_file = cache.with_suffix(".npy"), cache.with_suffix(".json")
     if (len(found) == len(files) and meta_file.exists() and array.exists()
-            and _read_json(meta_file) == meta):
+            and data_checks.read_json(meta_file) == meta):
         return np.load(array, mmap_mode="r")
     tmp = array.with_name(f"{array.name}.tmp{os.getpid()}")
     try:
@@ -428,14 +303,8 @@ def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                         shape=(len(files), size, size, 3))
     except OSError as e:
-        raise ValueError("\n".join(_image_problems(missing, unreadable, len(files)) + [
-            f"cannot write the image cache {array} ({e.strerror}): images are decoded once into "
-            f"{cache.parent}/, which must be writable (a copy of the data folder that holds its "
-            "cache/ needs no writing)"])) from None
-    for stale in cache.parent.glob(f"{cache.name}.*.tmp*"):  # of builds killed before cleaning up
-        pid = stale.name.rpartition(".tmp")[2]
-        if pid.isdigit() and int(pid) > 0 and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
+        raise data_checks.unwritable_cache(array, e, missing, unreadable, len(files)) from None
+    data_checks.remove_stale(cache)
     try:
         meta_file.unlink(missing_ok=True)
         # PIL releases the GIL while decoding and resizing, so threads use all cores
@@ -453,7 +322,7 @@ def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
                 bar.update(len(chunk))
         out.flush()
         del out
-        problems = _image_problems(missing, unreadable, len(files))
+        problems = data_checks.image_problems(missing, unreadable, len(files))
         if problems:  # every bad file of the split at once, before any training
             raise ValueError("\n".join(problems))
         os.replace(tmp, array)
@@ -464,7 +333,7 @@ def cached_images(files: list[Path], cache: Path, size: int) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# loading and augmentation
+# the loader
 
 class TrainLoader:
     """Batches of (images uint8 (b, 3, S, S), tokens long (b, context_length)) on the CPU.
@@ -554,3 +423,22 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
 def preprocess(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float32 normalised with CLIP's mean and std, on the same device."""
     return normalise(images.float() / 255)
+
+
+# -----------------------------------------------------------------------------
+# files written whole or not at all
+
+def write_atomic(path: Path, text: str):
+    """Written under a temporary name, flushed to disk and renamed, so a reader (or a run killed at
+    any moment) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_atomic(path, json.dumps(obj))

@@ -1,33 +1,30 @@
 """Evaluation: what a checkpoint learned, and what its FDT tokens stand for.
 
+    evaluate    what train.py reports at every checkpoint: the metrics below on the evaluation split
     retrieval   image -> text and text -> image recall@1/5/10 and rsum under the COCO 5k protocol
                 (5 captions per image; an image -> text hit counts if any of its captions is in the
                 top k)
-    zero-shot   prompt-ensemble classification (Radford et al. 2021, Section 3.1.4): the shapes test
-                sets (by shape, colour, (colour, shape) pair, held-out pairs), CIFAR-10/100,
-                ImageFolder
+    zero-shot   prompt-ensemble classification (Radford et al. 2021, Section 3.1.4) of the shapes
+                world's single objects by shape, colour, (colour, shape) pair and held-out pair
     probe       shapes: linear probes of shape and colour on the frozen image embedding (CLIP's
                 linear-probe evaluation, Radford et al. 2021, Section 3.2)
     binding     shapes: does an image score its caption above the same caption with two colours
                 swapped, a shape replaced, a relation reversed ...? (chance 50 %)
-    sugarcrepe  the same question on COCO val2017 images (SugarCrepe's 7 categories)
     inspect     figures of the FDT at work (Chen et al., CVPR 2023): which tokens an image and a
-                caption activate, which patches and words ground them, which tokens a matched pair
-                shares, and for shapes the concept-by-token matrix: do the same tokens fire for
-                "red" in images and in captions?
+                caption activate, which patches and words ground them, and for shapes whether the
+                same tokens fire for "red" in images and in captions
+
+The outside sets (CIFAR-10/100 and ImageFolder zero-shot, SugarCrepe on COCO images) are read and
+scored in lib/benchmarks.py, the numbers made from embeddings in lib/metrics.py. The command line
+comes last:
 
     python eval.py retrieval --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py zeroshot --ckpt runs/shapes-fdt-tiny/ckpt.pt --dataset shapes
     python eval.py binding --ckpt runs/shapes-fdt-tiny/ckpt.pt
     python eval.py probe --ckpt runs/shapes-fdt-tiny/ckpt.pt
+    python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE] [--text "a red star"]
     python eval.py sugarcrepe --ckpt CKPT --sugarcrepe-dir sugar-crepe/data --coco-dir data/coco
-    python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir imagenet/val
-        --classnames names.txt
-    python eval.py inspect --ckpt runs/shapes-fdt-tiny/ckpt.pt [--image FILE]
-        [--text "a red circle"]
-
-train.py calls `evaluate` every --eval-every epochs and at the end. This file gathers the data sets
-and their captions; the embeddings and the numbers made from them are lib/metrics.py's.
+    python eval.py zeroshot --ckpt CKPT --dataset imagefolder --data-dir DIR --classnames FILE
 """
 
 import argparse
@@ -40,14 +37,38 @@ from PIL import Image
 
 import data
 from lib import benchmarks, figures, shapes
-from lib.metrics import (TEMPLATES, active_tokens, as_image_tensor, binding_accuracy, embed_images,
+from lib.data_checks import clear_errors
+from lib.flags import data_source, need_shapes, refuse_overlap
+from lib.metrics import (active_tokens, as_image_tensor, binding_accuracy, embed_images,
                          embed_texts, heldout_accuracy, linear_probe, marginal_probs,
-                         retrieval_metrics, topk_accuracy, zeroshot_accuracy, zeroshot_classifier)
+                         retrieval_metrics, topk_accuracy)
 from model import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
-# retrieval
+# evaluation during training
 
+# the paper's COCO 5k test is Karpathy's
+EVAL_SPLIT = {"shapes": "val", "coco": "val", "karpathy": "test"}
+
+
+def evaluate(model, tokenizer, source, root, device):
+    """Retrieval on the evaluation split (EVAL_SPLIT; + the shapes zero-shot, probe and binding
+    tests when source == "shapes"): one flat dict of floats. `model` is the bare CLIP (not a DDP
+    or compiled wrapper), already on `device`."""
+    size = model.config.image_size
+    val = data.load_split(source, root, EVAL_SPLIT[source], size)
+    image_emb, image_w = embed_images(model, val.images, device, return_weights=True)
+    metrics = evaluate_retrieval(model, tokenizer, val, device, image_emb, image_w,
+                                 same_sentence=source == "shapes")
+    if source == "shapes":
+        metrics.update(evaluate_shapes_zeroshot(model, tokenizer, root, size, device))
+        metrics.update(evaluate_shapes_probe(model, root, size, device))
+        metrics.update(evaluate_binding(model, tokenizer, val, device, image_emb))
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# retrieval
 
 def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, image_w=None,
                        same_sentence=False):
@@ -77,7 +98,7 @@ def evaluate_retrieval(model, tokenizer, caption_set, device, image_emb=None, im
 
 
 # -----------------------------------------------------------------------------
-# zero-shot classification
+# zero-shot classification and linear probes of the shapes world
 
 def shapes_prompt_embeddings(model, tokenizer, device, return_weights=False):
     """Every pair's shapes.prompts embedded: (8 colours, 8 shapes, P prompts, D)
@@ -144,7 +165,6 @@ def evaluate_shapes_probe(model, root, image_size, device, n_train=4000):
 # -----------------------------------------------------------------------------
 # binding: does the image prefer its caption to a minimal edit of it?
 
-
 def binding_tests(caption_set, seed=0):
     """kind -> (image indices (n,), true captions, false captions) from the "objects" of every
     image entry, the edit drawn from an RNG per (seed, image): the same test every time."""
@@ -180,72 +200,7 @@ def evaluate_binding(model, tokenizer, caption_set, device, image_emb=None):
 
 
 # -----------------------------------------------------------------------------
-# SugarCrepe (Hsieh et al., NeurIPS 2023): compositional binding on COCO images
-
-def evaluate_sugarcrepe(model, tokenizer, items, image_dir, cache, device):
-    """Per category, the percent of items whose image scores the caption strictly above the
-    negative caption (chance 50 %), and their mean over the categories ("mean")."""
-    files = sorted({f for rows in items.values() for f, _, _ in rows})
-    index = {f: i for i, f in enumerate(files)}
-    images = data.cached_images([Path(image_dir) / f for f in files], Path(cache),
-                                model.config.image_size)
-    image_emb = embed_images(model, images, device)                          # (N_images, D)
-    metrics = {}
-    for category, rows in items.items():
-        idx = torch.tensor([index[f] for f, _, _ in rows], device=image_emb.device)
-        true = embed_texts(model, tokenizer, [c for _, c, _ in rows], device)
-        false = embed_texts(model, tokenizer, [n for _, _, n in rows], device)
-        metrics[category] = binding_accuracy(image_emb[idx], true, false)
-    metrics["mean"] = sum(metrics.values()) / len(metrics)
-    return metrics
-
-
-def evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, device, batch_size=256,
-                              workers=0):
-    """Top-1 and top-5 of the TEMPLATES ensemble on a dataset of (uint8 image, label)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
-    embs, labels = [], []
-    for images, y in loader:
-        embs.append(embed_images(model, images, device, batch_size))
-        labels.append(y)
-    labels = torch.cat(labels)
-    bad = (labels < 0).nonzero().flatten().tolist()  # benchmarks.NamedFailures' unreadable images
-    if bad:
-        named = [dataset.samples[i][0] for i in bad[:10]] + ["..."] * (len(bad) > 10)
-        raise ValueError(f"{len(bad)} of {len(labels)} images cannot be read (not an image, "
-                         "truncated, or over PIL's pixel limit):\n  " + "\n  ".join(named)
-                         + "\nreplace or remove them")
-    classifier = zeroshot_classifier(model, tokenizer, classnames, TEMPLATES, device)
-    return zeroshot_accuracy(torch.cat(embs), classifier, labels)
-
-
-# -----------------------------------------------------------------------------
-# evaluation during training
-
-
-# the paper's COCO 5k test is Karpathy's
-EVAL_SPLIT = {"shapes": "val", "coco": "val", "karpathy": "test"}
-
-
-def evaluate(model, tokenizer, source, root, device):
-    """Retrieval on the evaluation split (EVAL_SPLIT; + the shapes zero-shot, probe and binding
-    tests when source == "shapes"): one flat dict of floats. `model` is the bare CLIP (not a DDP
-    or compiled wrapper), already on `device`."""
-    size = model.config.image_size
-    val = data.load_split(source, root, EVAL_SPLIT[source], size)
-    image_emb, image_w = embed_images(model, val.images, device, return_weights=True)
-    metrics = evaluate_retrieval(model, tokenizer, val, device, image_emb, image_w,
-                                 same_sentence=source == "shapes")
-    if source == "shapes":
-        metrics.update(evaluate_shapes_zeroshot(model, tokenizer, root, size, device))
-        metrics.update(evaluate_shapes_probe(model, root, size, device))
-        metrics.update(evaluate_binding(model, tokenizer, val, device, image_emb))
-    return metrics
-
-
-# -----------------------------------------------------------------------------
 # what the FDT tokens stand for
-
 
 @torch.no_grad()
 def concept_profiles(model, tokenizer, root, device):
@@ -274,58 +229,13 @@ def concept_profiles(model, tokenizer, root, device):
 # -----------------------------------------------------------------------------
 # command line
 
-
 def load(args):
     """-> checkpoint dict, model on args.device in eval mode, tokenizer."""
-    with data.clear_errors():
+    with clear_errors():
         ckpt = load_checkpoint(args.ckpt, map_location="cpu")
         model = model_from_checkpoint(ckpt).to(args.device).eval()
         tokenizer = data.Tokenizer.from_state_dict(ckpt["tokenizer"])
     return ckpt, model, tokenizer
-
-
-def data_source(ckpt, source=None, root=None):
-    """The given data source and root, else what the checkpoint was trained on."""
-    trained = ckpt.get("data", {})
-    source = source or trained.get("source")
-    root = root or (trained.get("root") if source == trained.get("source") else None)
-    if source is None:
-        raise SystemExit("the checkpoint does not say which data it was trained on: "
-                         "pass --data and --data-dir")
-    if root is None:
-        raise SystemExit(f"the checkpoint was trained on {trained.get('source')}, not {source}: "
-                         "pass --data-dir")
-    return source, Path(root)
-
-
-def refuse_overlap(ckpt, source, root, split, allow):
-    """Stop when the evaluation split shares COCO images with the checkpoint's training split
-    (train2017 holds most of Karpathy's test images, Karpathy's train+restval part of val2017):
-    the numbers would measure memory, not generalisation. --allow-overlap skips the check."""
-    trained = ckpt.get("data", {})
-    if allow or "shapes" in (source, trained.get("source")):
-        return
-    try:
-        overlap = (data.image_ids(source, root, split)
-                   & data.image_ids(trained["source"], trained["root"], "train"))
-    except (KeyError, OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot check that {source} {split} is disjoint from the "
-                         f"checkpoint's training split ({type(e).__name__}: {e}); "
-                         "pass --allow-overlap to evaluate anyway") from None
-    if overlap:
-        raise SystemExit(f"error: {len(overlap)} images of {source} {split} are in the "
-                         f"checkpoint's training split ({trained['source']} train in "
-                         f"{trained['root']}), e.g. COCO ids {sorted(overlap)[:3]}: the results "
-                         "would be inflated. Evaluate on a disjoint split (a --data karpathy "
-                         "checkpoint on --data karpathy --split test, a --data coco one on "
-                         "--data coco), or pass --allow-overlap")
-
-
-def need_shapes(root, why):
-    """Refuse a folder without a shapes world (a COCO folder: its images have no "objects")."""
-    if not shapes.ready(root):
-        raise SystemExit(f"error: {why}, and {root} holds no shapes world (no shapes.json): pass "
-                         "the --data-dir of one (`python -m lib.shapes --root DIR` makes one)")
 
 
 def save_results(path, record):
@@ -344,7 +254,7 @@ def run_retrieval(args):
     ckpt, model, tokenizer = load(args)
     source, root = data_source(ckpt, args.data, args.data_dir)
     refuse_overlap(ckpt, source, root, args.split, args.allow_overlap)
-    with data.clear_errors():
+    with clear_errors():
         caption_set = data.load_split(source, root, args.split, model.config.image_size)
     m = evaluate_retrieval(model, tokenizer, caption_set, args.device,
                            same_sentence=source == "shapes")
@@ -356,8 +266,8 @@ def run_retrieval(args):
     active = "".join(f" | {k} {m[k]:.1f}" for k in ("active_image", "active_text") if k in m)
     print(f"{'rsum':>13} {m['rsum']:6.1f}{active}")
     save_results(Path(args.ckpt).parent / f"retrieval_{args.split}.json",
-               {"checkpoint": str(args.ckpt), "data": source, "root": str(root),
-                "split": args.split, **m})
+                 {"checkpoint": str(args.ckpt), "data": source, "root": str(root),
+                  "split": args.split, **m})
 
 
 def run_zeroshot(args):
@@ -365,7 +275,7 @@ def run_zeroshot(args):
     size = model.config.image_size
     if args.dataset == "shapes":
         _, root = data_source(ckpt, "shapes", args.data_dir)
-        with data.clear_errors():
+        with clear_errors():
             m = evaluate_shapes_zeroshot(model, tokenizer, root, size, args.device, topk=(1, 5))
         rows = {task: (m[f"zs_{task}"], m[f"zs_{task}_top5"])
                 for task in ("shape", "colour", "pair")}
@@ -375,11 +285,11 @@ def run_zeroshot(args):
             raise SystemExit("--dataset imagefolder needs --data-dir: "
                              "the folder with one sub-folder per class")
         root = Path(args.data_dir or f"data/{args.dataset}")
-        with data.clear_errors():  # e.g. no --classnames file, an unreadable image
+        with clear_errors():  # e.g. no --classnames file, an unreadable image
             dataset, classnames = benchmarks.zeroshot_dataset(args.dataset, root, size,
                                                               args.classnames)
-            acc = evaluate_dataset_zeroshot(model, tokenizer, dataset, classnames, args.device,
-                                            workers=args.workers)
+            acc = benchmarks.evaluate_zeroshot(model, tokenizer, dataset, classnames, args.device,
+                                               workers=args.workers)
         rows = {f"{args.dataset} ({len(classnames)} classes, {len(dataset)} images)":
                 (acc["top1"], acc["top5"])}
         m = {"zs_top1": acc["top1"], "zs_top5": acc["top5"], "classes": classnames}
@@ -387,14 +297,14 @@ def run_zeroshot(args):
     for name, (top1, top5) in rows.items():
         print(f"{name:>26} {top1:6.1f} " + ("" if top5 is None else f"{top5:6.1f}"))
     save_results(Path(args.ckpt).parent / f"zeroshot_{args.dataset}.json",
-               {"checkpoint": str(args.ckpt), "dataset": args.dataset, "root": str(root), **m})
+                 {"checkpoint": str(args.ckpt), "dataset": args.dataset, "root": str(root), **m})
 
 
 def run_binding(args):
     ckpt, model, tokenizer = load(args)
     source, root = data_source(ckpt, "shapes", args.data_dir)
     need_shapes(root, "binding tests the shapes world's scenes")
-    with data.clear_errors():
+    with clear_errors():
         caption_set = data.load_split(source, root, "val", model.config.image_size)
     m = evaluate_binding(model, tokenizer, caption_set, args.device)
     tests = binding_tests(caption_set)
@@ -404,32 +314,32 @@ def run_binding(args):
         print(f"{kind:>15} {m[f'bind_{kind}']:6.1f}  ({len(tests[kind][0])} images; e.g. "
               f"\"{tests[kind][1][0]}\" vs \"{tests[kind][2][0]}\")")
     save_results(Path(args.ckpt).parent / "binding.json",
-               {"checkpoint": str(args.ckpt), "root": str(root), **m})
+                 {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
 def run_probe(args):
     ckpt, model, tokenizer = load(args)
     _, root = data_source(ckpt, "shapes", args.data_dir)
     need_shapes(root, "the probes read the shapes world's labels")
-    with data.clear_errors():
+    with clear_errors():
         m = evaluate_shapes_probe(model, root, model.config.image_size, args.device, args.n_train)
     print(f"linear probes of the image embedding: fitted on up to {args.n_train} training "
           "images, scored on the single objects of the zero-shot split (chance 12.5 %)")
     for task in ("shape", "colour"):
         print(f"{task:>8} {m[f'probe_{task}']:6.1f}")
     save_results(Path(args.ckpt).parent / "probe.json",
-               {"checkpoint": str(args.ckpt), "root": str(root), **m})
+                 {"checkpoint": str(args.ckpt), "root": str(root), **m})
 
 
 def run_sugarcrepe(args):
     ckpt, model, tokenizer = load(args)
     coco = Path(args.coco_dir)
     refuse_overlap(ckpt, "coco", coco, "val", args.allow_overlap)   # its images are val2017's
-    with data.clear_errors():
+    with clear_errors():
         items = benchmarks.read_sugarcrepe(args.sugarcrepe_dir)
-        m = evaluate_sugarcrepe(model, tokenizer, items, coco / "val2017",
-                                coco / "cache" / f"sugarcrepe_{model.config.image_size}",
-                                args.device)
+        m = benchmarks.evaluate_sugarcrepe(model, tokenizer, items, coco / "val2017",
+                                           coco / "cache" / f"sugarcrepe_{model.config.image_size}",
+                                           args.device)
     print("SugarCrepe: image scores the caption above the negative (chance 50 %)")
     for category in benchmarks.SUGARCREPE + ["mean"]:
         n = f" ({len(items[category])} items)" if category in items else ""
@@ -440,9 +350,8 @@ def run_sugarcrepe(args):
 def run_inspect(args):
     ckpt, model, tokenizer = load(args)
     if model.config.head != "fdt":
-        raise SystemExit(f"{args.ckpt} is a CLIP baseline (projection head): "
-                         "it has no FDT tokens to inspect; "
-                         "train one with `python train.py --model fdt`")
+        raise SystemExit(f"{args.ckpt} is a CLIP baseline (projection head): it has no FDT "
+                         "tokens to inspect; train one with `python train.py --model fdt`")
     out = Path(args.out or Path(args.ckpt).parent / "inspect")
     size = model.config.image_size
     examples = []  # (file name prefix, uint8 image (3, S, S) or None, caption or None)
@@ -458,7 +367,7 @@ def run_inspect(args):
         examples.append(("", image, args.text))
     else:  # a few validation pairs of the training data, and for shapes the concept matrix
         source, root = data_source(ckpt, root=args.data_dir)
-        with data.clear_errors():
+        with clear_errors():
             caption_set = data.load_split(source, root, "val", size)
         for i in range(min(args.examples, len(caption_set.images))):
             examples.append((f"val{i}_", as_image_tensor(caption_set.images[i:i + 1])[0],
@@ -476,7 +385,7 @@ def run_inspect(args):
             written.append(figures.plot_shared_tokens(model, tokenizer, image, caption,
                                                       out / f"{prefix}pair_tokens.png"))
     if concepts_root is not None:
-        with data.clear_errors():
+        with clear_errors():
             result = concept_profiles(model, tokenizer, concepts_root, args.device)
         figures.plot_concept_tokens(result, out / "concept_tokens.png")
         written.append(out / "concept_tokens.png")
@@ -489,19 +398,18 @@ def run_inspect(args):
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    commands = {}
 
     def command(name, run, help):
         p = sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        commands[name] = run
+        p.set_defaults(run=run)
         return p
 
     p = command("retrieval", run_retrieval, "COCO-protocol image-text retrieval")
-    p.add_argument("--data", choices=["shapes", "coco", "karpathy"], default=None,
+    p.add_argument("--data", choices=["shapes", "coco", "karpathy"],
                    help="default: the checkpoint's")
-    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--data-dir", help="default: the checkpoint's")
     p.add_argument("--split", choices=["val", "test"], default="val")
     p.add_argument("--allow-overlap", action="store_true",
                    help="evaluate even on images the checkpoint was trained on "
@@ -509,18 +417,15 @@ def main(argv: list[str] | None = None):
     p = command("zeroshot", run_zeroshot, "prompt-ensemble zero-shot classification")
     p.add_argument("--dataset", choices=["shapes", "cifar10", "cifar100", "imagefolder"],
                    required=True)
-    p.add_argument("--data-dir", default=None,
-                   help="shapes: default the checkpoint's; cifar: default data/<dataset>; "
-                        "imagefolder: required")
-    p.add_argument("--classnames", default=None,
-                   help="imagefolder: one class name per line, sorted-folder order")
+    p.add_argument("--data-dir", help="shapes: default the checkpoint's; cifar: default "
+                                      "data/<dataset>; imagefolder: required")
+    p.add_argument("--classnames", help="imagefolder: one class name per line, sorted-folder order")
     p.add_argument("--workers", type=int, default=4, help="image decoding processes")
-    p = command("binding", run_binding,
-                "shapes: true captions vs swapped / replaced / reversed ones")
-    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p = command("binding", run_binding, "shapes: true captions vs swapped, replaced, reversed ones")
+    p.add_argument("--data-dir", help="default: the checkpoint's")
     p = command("probe", run_probe,
                 "shapes: linear probes of shape and colour on the frozen image features")
-    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--data-dir", help="default: the checkpoint's")
     p.add_argument("--n-train", type=int, default=4000,
                    help="training images the probes are fitted on")
     p = command("sugarcrepe", run_sugarcrepe,
@@ -531,16 +436,14 @@ def main(argv: list[str] | None = None):
     p.add_argument("--allow-overlap", action="store_true",
                    help="evaluate a checkpoint trained on val2017 images anyway")
     p = command("inspect", run_inspect, "figures of the FDT tokens an image and a caption activate")
-    p.add_argument("--image", default=None, help="an image file")
-    p.add_argument("--text", default=None, help="a caption")
-    p.add_argument("--data-dir", default=None,
-                   help="validation examples from here (default: the checkpoint's data)")
+    p.add_argument("--image", help="an image file")
+    p.add_argument("--text", help="a caption")
+    p.add_argument("--data-dir", help="validation examples from here (default: the checkpoint's)")
     p.add_argument("--examples", type=int, default=3,
                    help="validation examples without --image / --text")
-    p.add_argument("--out", default=None,
-                   help="figure folder (default: inspect/ next to the checkpoint)")
+    p.add_argument("--out", help="figure folder (default: inspect/ next to the checkpoint)")
     args = parser.parse_args(argv)
-    commands[args.command](args)
+    args.run(args)
 
 
 if __name__ == "__main__":

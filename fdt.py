@@ -156,8 +156,8 @@ class FDT(nn.Module):
 
     temperature divides the relevances before sparsemax: with tokens ~ N(0, 1) the raw scaled
     dot products are far apart and at T = 1 sparsemax keeps a single token, so training stalls; a
-    larger temperature spreads the weight over more tokens (of 1024, ~50 at T = 30; nearly all at
-    the official T = 1000, the default).
+    larger temperature spreads the weight over more tokens (of 1024, ~36 at T = 30 once trained;
+    nearly all at the official T = 1000, the default).
     """
 
     def __init__(self, n_tokens, dim, temperature=1000.0, activation="sparsemax"):

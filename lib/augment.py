@@ -3,9 +3,10 @@
     crop      a mild random resized crop (area 0.6-1), never flipped (captions say left and right)
     mocov2    MoCo v2's augmentation, the official FDT recipe's: crop 0.2-1, colour jitter,
               grayscale, blur, horizontal flip
+    apply     what train.py calls: --augment's kind, with its random numbers drawn per step
 
-The random numbers come in as uniforms drawn by the caller (one row per image), so that each DDP
-process can draw the global batch's rows from one seed and keep its own slice, and a resumed run
+The random numbers come in as uniforms (one row per image), drawn by `apply` for the global batch
+from (seed, step), so that each DDP process keeps its own slice of the same draws and a resumed run
 redraws the same augmentation. Everything else runs on the batch's device: nothing is read back to
 the host, which on a GPU would wait for the device every step.
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from data import normalise, preprocess
+
 
 def _resized_crop(x: torch.Tensor, u: torch.Tensor, scale, ratio, flip=None) -> torch.Tensor:
     """A random resized crop per image of a float batch (B, 3, H, W), from uniforms u (B, 4) on
@@ -106,3 +108,17 @@ def mocov2(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
                        kernel[:, None, :, None], groups=3 * B)
     x = torch.where(per_image(u[:, 11] < 0.5), blurred.view(B, 3, H, W), x)
     return normalise(x)
+
+
+def apply(images: torch.Tensor, kind: str, seed: int, step: int, batch_size: int,
+          local: slice) -> torch.Tensor:
+    """uint8 batch -> normalised float, augmented as `kind` (none, crop, mocov2) says. The random
+    draws are for the global batch of `batch_size`, from (seed, step), this process's rows `local`
+    kept: a resumed run redraws the same augmentation and N processes augment exactly as one
+    process would."""
+    if kind == "none":
+        return preprocess(images)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if kind == "crop":
+        return crop(images, torch.rand(batch_size, 4, generator=g)[local])
+    return mocov2(images, torch.rand(batch_size, MOCOV2_DRAWS, generator=g)[local])

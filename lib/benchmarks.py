@@ -1,7 +1,7 @@
-"""Readers for evaluation sets from outside this project: CIFAR-10/100 and ImageFolder trees for
-zero-shot classification, and SugarCrepe's compositional caption pairs on COCO val2017 images.
-Each gives a clear message saying what to put where when its files are missing, and names the ones
-that cannot be read. eval.py runs the models on them.
+"""Evaluation sets from outside this project, read and scored: CIFAR-10/100 and ImageFolder trees
+for zero-shot classification, and SugarCrepe's compositional caption pairs on COCO val2017 images.
+Each reader gives a clear message saying what to put where when its files are missing, and names
+the ones that cannot be read; eval.py's zeroshot and sugarcrepe commands call them.
 """
 
 from pathlib import Path
@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 import data
+from lib import data_checks
+from lib.metrics import (TEMPLATES, binding_accuracy, embed_images, embed_texts,
+                         zeroshot_accuracy, zeroshot_classifier)
 
 def image_transform(image_size):
     """PIL image -> uint8 (3, S, S): shorter side resized to S (bicubic), then the centre crop.
@@ -102,7 +105,7 @@ def read_sugarcrepe(folder):
     items = {}
     for category in SUGARCREPE:
         path = folder / f"{category}.json"
-        entries = data._read_json(path)
+        entries = data_checks.read_json(path)
         ok = isinstance(entries, dict) and all(
             isinstance(v, dict) and all(isinstance(v.get(k), str)
                                         for k in ("filename", "caption", "negative_caption"))
@@ -113,3 +116,43 @@ def read_sugarcrepe(folder):
         items[category] = [(v["filename"], v["caption"], v["negative_caption"])
                            for v in entries.values()]
     return items
+
+
+# -----------------------------------------------------------------------------
+# scoring a model on them
+
+def evaluate_zeroshot(model, tokenizer, dataset, classnames, device, batch_size=256, workers=0):
+    """Top-1 and top-5 of the TEMPLATES ensemble on a dataset of (uint8 image, label); every image
+    that cannot be read is named (NamedFailures gives them label -1)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
+    embs, labels = [], []
+    for images, y in loader:
+        embs.append(embed_images(model, images, device, batch_size))
+        labels.append(y)
+    labels = torch.cat(labels)
+    bad = (labels < 0).nonzero().flatten().tolist()
+    if bad:
+        named = [dataset.samples[i][0] for i in bad[:10]] + ["..."] * (len(bad) > 10)
+        raise ValueError(f"{len(bad)} of {len(labels)} images cannot be read (not an image, "
+                         "truncated, or over PIL's pixel limit):\n  " + "\n  ".join(named)
+                         + "\nreplace or remove them")
+    classifier = zeroshot_classifier(model, tokenizer, classnames, TEMPLATES, device)
+    return zeroshot_accuracy(torch.cat(embs), classifier, labels)
+
+
+def evaluate_sugarcrepe(model, tokenizer, items, image_dir, cache, device):
+    """Per category, the percent of items whose image scores the caption strictly above the
+    negative caption (chance 50 %), and their mean over the categories ("mean")."""
+    files = sorted({f for rows in items.values() for f, _, _ in rows})
+    index = {f: i for i, f in enumerate(files)}
+    images = data.cached_images([Path(image_dir) / f for f in files], Path(cache),
+                                model.config.image_size)
+    image_emb = embed_images(model, images, device)                          # (N_images, D)
+    metrics = {}
+    for category, rows in items.items():
+        idx = torch.tensor([index[f] for f, _, _ in rows], device=image_emb.device)
+        true = embed_texts(model, tokenizer, [c for _, c, _ in rows], device)
+        false = embed_texts(model, tokenizer, [n for _, _, n in rows], device)
+        metrics[category] = binding_accuracy(image_emb[idx], true, false)
+    metrics["mean"] = sum(metrics.values()) / len(metrics)
+    return metrics

@@ -1,17 +1,51 @@
-"""Shared by every test file: nothing may reach the network (127.0.0.1 is allowed); a folder
-can be made read-only; a child process's error leads an assertion message; a small shapes world
-per test module."""
+"""Shared by every test file: nothing may reach the network (127.0.0.1 is allowed); every test
+leaves the process's global state as it found it; a folder can be made read-only; a child
+process's error leads an assertion message; a small shapes world per test module."""
 
 import builtins
 import errno
 import io
 import os
+import random
+import signal
 import socket
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from lib import shapes
+
+SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
+@pytest.fixture(autouse=True)
+def restore_globals():
+    """What train.py and the tests change for the whole process, put back after every test, pass
+    or fail, so that one failing test never fails another: environment variables (WORLD_SIZE and
+    RANK make train.main join a process group), signal handlers, a process group, torch's backend
+    flags, default dtype, random states and thread count. The backend flags are read and set
+    plainly: torch serves them through a module __getattr__, which monkeypatch cannot undo."""
+    environ, handlers = dict(os.environ), {s: signal.getsignal(s) for s in SIGNALS}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision, dtype = torch.get_float32_matmul_precision(), torch.get_default_dtype()
+    rng, py_rng, threads = torch.get_rng_state(), random.getstate(), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
+        torch.set_default_dtype(dtype)
+        torch.set_rng_state(rng)
+        random.setstate(py_rng)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,10 @@ pytestmark = [pytest.mark.cuda,
 
 
 @pytest.fixture(autouse=True)
-def full_float32(monkeypatch):
-    """train.py turns TF32 on for the process; the comparisons with the CPU here need it off."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def full_float32():
+    """train.py turns TF32 on for the process; the comparisons with the CPU here need it off
+    (conftest's restore_globals puts the flags back)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
 
 def test_sparsemax_on_cuda_matches_cpu():

@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -154,31 +152,6 @@ def test_cache_reuse_rebuild_and_half_written(tmp_path):
         np.testing.assert_array_equal(image, reference(f, 16))
 
 
-def test_coco_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m tools.prepare_coco"):
-        data.load_split("coco", tmp_path / "nowhere", "train", 16)
-    with pytest.raises(FileNotFoundError, match="python -m lib.shapes"):
-        data.load_split("shapes", tmp_path / "nowhere", "train", 16)
-    write_coco(tmp_path, n_missing=2)
-    with pytest.raises(ValueError,
-                       match=r"2 of 7 images are missing(.|\n)*gone0.png(.|\n)*gone1.png"):
-        data.load_split("coco", tmp_path, "train", 16)
-    ann = tmp_path / "annotations" / "captions_train2017.json"
-    ann.write_text('{"images": [')
-    with pytest.raises(ValueError, match=f"{ann}: not valid JSON"):
-        data.load_split("coco", tmp_path, "train", 16)
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "rgb.png"}]}))
-    with pytest.raises(ValueError, match=f"{ann}: expected a COCO captions object"):
-        data.load_split("coco", tmp_path, "train", 16)
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "rgb.png"}],
-                               "annotations": [{"image_id": 2, "caption": "x"}]}))
-    with pytest.raises(ValueError, match=r"annotations\[0\] refers to image_id 2"):
-        data.load_split("coco", tmp_path, "train", 16)
-    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "rgb.png"}], "annotations": []}))
-    with pytest.raises(ValueError, match="1 images have no caption"):
-        data.load_split("coco", tmp_path, "train", 16)
-
-
 def test_karpathy_split(tmp_path):
     rng = np.random.default_rng(1)
     for folder, name in [("val2014", "a.png"), ("val2014", "b.png"), ("val2014", "c.png"),
@@ -255,7 +228,7 @@ def test_loader_ranks_resume_and_workers(toy_set):
     for k, (images, tokens) in enumerate(full):
         assert ranks[0][k][0].shape == (2, 3, 4, 4)
         assert torch.equal(torch.cat([ranks[0][k][0], ranks[1][k][0]]), images)
-        width = tokens.shape[1]                                         # each rank cuts its own pads
+        width = tokens.shape[1]                                        # each rank cuts its own pads
         assert torch.equal(torch.cat([F.pad(ranks[r][k][1], (0, width - ranks[r][k][1].shape[1]))
                                       for r in range(2)]), tokens)
     resumed = list(data.TrainLoader(toy_set, tok, 4, seed=5).epoch(3, start_batch=1))
@@ -312,7 +285,7 @@ def test_mocov2_switches_and_rows():
 
 
 # -----------------------------------------------------------------------------
-# bad data and interrupted builds: each file named, every problem at once, nothing left behind
+# interrupted builds, moved folders, 16-bit images: the cache stays right, nothing left behind
 
 def test_interrupted_cache_build_leaves_no_temporary(tmp_path, monkeypatch):
     files = write_coco(tmp_path)
@@ -326,18 +299,6 @@ def test_interrupted_cache_build_leaves_no_temporary(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.load_split("coco", tmp_path, "train", 16)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []
-
-
-def test_stale_temporaries_of_dead_processes_removed(tmp_path):
-    write_coco(tmp_path)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    (tmp_path / "cache").mkdir()
-    for pid in (dead, os.getppid()):                      # killed by kill -9; still running
-        (tmp_path / "cache" / f"train2017_16.npy.tmp{pid}").write_bytes(b"\0" * 1000)
-    data.load_split("coco", tmp_path, "train", 16)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
-        "train2017_16.json", "train2017_16.npy", f"train2017_16.npy.tmp{os.getppid()}"]
 
 
 def test_cache_is_keyed_on_its_contents_not_the_path(tmp_path, monkeypatch, read_only):
@@ -355,66 +316,6 @@ def test_cache_is_keyed_on_its_contents_not_the_path(tmp_path, monkeypatch, read
         np.testing.assert_array_equal(image, reference(f, 16))
 
 
-def test_read_only_folder_without_a_cache_is_a_clear_error(tmp_path, read_only):
-    write_coco(tmp_path)
-    read_only(tmp_path)
-    with pytest.raises(ValueError, match=f"cannot write the image cache .*Read-only file system.*"
-                                         f"{tmp_path / 'cache'}/, which must be writable"):
-        data.load_split("coco", tmp_path, "train", 16)
-
-
-def test_bad_images_each_named_and_none_stops_the_others(tmp_path, monkeypatch):
-    write_coco(tmp_path)
-    folder = tmp_path / "train2017"
-    (folder / "loop.png").symlink_to(folder / "loop.png")
-    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(folder / "huge.png")
-    (folder / "cut.png").write_bytes((folder / "rgb.png").read_bytes()[:60])
-    ann = tmp_path / "annotations" / "captions_train2017.json"
-    coco = json.loads(ann.read_text())
-    for k, name in enumerate(["loop.png", "huge.png", "cut.png", "nul\0.png"]):
-        coco["images"].append({"id": 90 + k, "file_name": name})
-        coco["annotations"].append({"id": 900 + k, "image_id": 90 + k, "caption": "a picture"})
-    ann.write_text(json.dumps(coco))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)             # 60 x 60 is past twice that
-    with pytest.raises(ValueError) as e:
-        data.load_split("coco", tmp_path, "train", 16)
-    message = str(e.value)
-    assert "4 of 9 images cannot be read" in message
-    assert f"{folder / 'loop.png'}: Too many levels of symbolic links" in message
-    assert f"{folder / 'huge.png'}: DecompressionBombError" in message
-    assert f"{folder / 'cut.png'}: " in message
-    assert repr(str(folder / "nul\0.png")) + ": a NUL character in the file name" in message
-    assert not list((tmp_path / "cache").glob("*.tmp*"))
-
-
-def test_annotation_files_that_cannot_be_read_are_named(tmp_path):
-    write_coco(tmp_path)
-    ann = tmp_path / "annotations" / "captions_train2017.json"
-    ann.write_bytes(b'{"images": [], "annotations": [{"caption": "caf\xe9"}]}')  # Latin-1
-    with pytest.raises(ValueError, match=f"{ann}: not UTF-8 text \\(byte 0xe9"):
-        data.load_split("coco", tmp_path, "train", 16)
-    ann.unlink()
-    ann.mkdir()
-    with pytest.raises(ValueError, match=f"{ann}: cannot be read \\(Is a directory\\)"):
-        data.load_split("coco", tmp_path, "train", 16)
-
-
-def test_empty_splits_and_blank_captions_refused(tmp_path):
-    write_coco(tmp_path)
-    ann = tmp_path / "annotations" / "captions_train2017.json"
-    coco = json.loads(ann.read_text())
-    coco["annotations"][3]["caption"] = " \n"
-    coco["annotations"][7]["caption"] = ""
-    ann.write_text(json.dumps(coco))
-    with pytest.raises(ValueError, match=r"2 captions are empty or only whitespace: annotations"
-                                         r"\[3\] of six.png, annotations\[7\] of palette.png"):
-        data.load_split("coco", tmp_path, "train", 16)
-    (tmp_path / "annotations" / "captions_val2017.json").write_text(
-        '{"images": [], "annotations": []}')
-    with pytest.raises(ValueError, match="captions_val2017.json: the val split has no images"):
-        data.load_split("coco", tmp_path, "val", 16)
-
-
 def test_16_bit_pngs_are_scaled_and_float_images_refused(tmp_path):
     write_coco(tmp_path)
     rng = np.random.default_rng(0)
@@ -429,17 +330,3 @@ def test_16_bit_pngs_are_scaled_and_float_images_refused(tmp_path):
         data.load_split("coco", tmp_path, "train", 16)
 
 
-def test_every_problem_of_every_split_in_one_error(tmp_path):
-    write_coco(tmp_path, n_missing=1)
-    shutil.copytree(tmp_path / "train2017", tmp_path / "val2017")
-    coco = json.loads((tmp_path / "annotations" / "captions_train2017.json").read_text())
-    (tmp_path / "annotations" / "captions_val2017.json").write_text(json.dumps(coco))
-    (tmp_path / "val2017" / "gray.png").write_text("not an image")
-    with pytest.raises(ValueError) as e:
-        data.load_splits("coco", tmp_path, ["train", "val"], 16)
-    message = str(e.value)
-    assert "1 of 6 images are missing:\n  " + str(tmp_path / "train2017" / "gone0.png") in message
-    assert "1 of 6 images are missing:\n  " + str(tmp_path / "val2017" / "gone0.png") in message
-    assert "1 of 6 images cannot be read:\n  " + str(tmp_path / "val2017" / "gray.png") in message
-    with pytest.raises(FileNotFoundError, match="^no shapes dataset at [^\n]*$"):  # said once
-        data.load_splits("shapes", tmp_path / "nowhere", ["train", "val", "zeroshot"], 16)

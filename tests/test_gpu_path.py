@@ -153,12 +153,13 @@ def test_fp16_loss_scale_lets_the_first_steps_update_the_weights(shapes_root, tm
 def test_tf32_on_cuda_and_a_long_ddp_timeout(monkeypatch):
     """setup_processes turns TF32 on for a CUDA device, and gives the process group an hour: rank 0
     checkpoints and evaluates while the others wait (NCCL's default is 10 minutes)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(train, "pick_device", lambda name: torch.device(name))  # no GPU needed
+    # conftest's restore_globals puts the flags back (monkeypatch cannot: torch serves them through
+    # a module __getattr__)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr("lib.flags.pick_device", lambda name: torch.device(name))  # no GPU needed
     train.setup_processes(train.parse_args(["--device", "cuda"]))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cuda.matmul.allow_tf32 = False
     train.setup_processes(train.parse_args(["--device", "cpu"]))
     assert not torch.backends.cuda.matmul.allow_tf32
 

@@ -50,15 +50,18 @@ def test_conv_stem_only_for_tiny_and_same_grid():
         config = replace(PRESETS["tiny"], stem=stem)
         embed = CLIP(config).visual.patch_embed
         out = embed(torch.randn(2, 3, 64, 64))
-        # one feature per 8 x 8 patch
-        assert out.shape == (2, config.vision_width, 8, 8)
+        # one feature per patch_size x patch_size patch
+        grid = 64 // config.patch_size
+        assert out.shape == (2, config.vision_width, grid, grid)
     # a conv stem pixel only reaches the patches its receptive field covers: not a global mixer
-    # (in evaluation mode: a training BatchNorm's batch statistics mix every position)
+    # (in evaluation mode: a training BatchNorm's batch statistics mix every position): the first
+    # feature sees its own patch and nothing beyond
+    p = PRESETS["tiny"].patch_size
     embed = CLIP(replace(PRESETS["tiny"], stem="conv")).visual.patch_embed.eval()
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
     embed(x)[0, :, 0, 0].sum().backward()
     touched = x.grad.abs().sum(dim=(0, 1)) > 0
-    assert touched[:15, :15].any() and not touched[16:].any() and not touched[:, 16:].any()
+    assert touched[p - 1, p - 1] and not touched[p:].any() and not touched[:, p:].any()
     with pytest.raises(ValueError, match="power-of-two"):
         CLIP(replace(PRESETS["tiny"], stem="conv", image_size=60, patch_size=6))
 
