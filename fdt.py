@@ -12,7 +12,8 @@ sum of the FDT tokens (Eq. 4). Both modalities use the same tokens, so an image 
 about the same thing activate the same tokens.
 
 Words used here: FDT tokens are the rows of the bank C (n_tokens of them); positions are the
-patches of an image or the words of a caption, what the max runs over (T of them).
+patches of an image or the words of a caption, what the max runs over (L of them). T is the
+temperature alone.
 
 This file is the method, written to be read, and `python train.py --no-fast-fdt` trains it as
 written. lib/fdt_fast.py holds the exact, faster equivalents that training uses by default (a
@@ -34,9 +35,17 @@ def threshold_from_sorted(z_sorted):
     descending order along the last dim (Martins & Astudillo, Alg. 1):
     sparsemax(z) = max(z - tau, 0).
 
-    z_sorted: (..., m). Returns tau (..., 1) and support_size (..., 1). Both are exact when m is the
-    whole row, or when support_size < m: the support is a prefix of the sorted order, so once one
-    of the m entries falls out of it, no later entry can be in it.
+    z_sorted: (..., m), any leading shape, float32 or float64, m >= 1. Returns tau (..., 1) in
+    z_sorted's dtype and support_size (..., 1) int64. Both are exact when m is the whole row, or
+    when support_size < m: the support is a prefix of the sorted order, so once one of the m
+    entries falls out of it, no later entry can be in it (lib/fdt_fast.py relies on that).
+
+    What the graders check besides random rows at scales 1e-4 to 1e4: exact ties (a constant row
+    keeps every entry: tau = z - 1 / m), -inf entries (never in the support, so exactly 0), and a
+    row with no finite entry. Such a row has no projection: on the CPU in eager mode sparsemax
+    rejects it before calling this, but where `can_read_on_host` is False (a GPU, torch.compile)
+    nothing checks first, and the row must come out as NaN weights, not as an error or an index
+    out of range: support_size is at least 1 on every row.
     """
     cumsum = z_sorted.cumsum(dim=-1)                          # (..., m)
     k = torch.arange(1, z_sorted.shape[-1] + 1, device=z_sorted.device,
@@ -52,7 +61,8 @@ def threshold_from_sorted(z_sorted):
 
 
 def threshold_sort(z):
-    """tau along the last dim from a full sort: O(n log n) per row."""
+    """z (..., n) -> tau (..., 1) along the last dim, from a full sort: O(n log n) per row. The
+    graders check it through sparsemax, on the rows threshold_from_sorted lists."""
     z_sorted, _ = torch.sort(z, dim=-1, descending=True)     # (..., n)
     return threshold_from_sorted(z_sorted)[0]
 
@@ -60,9 +70,9 @@ def threshold_sort(z):
 class SparsemaxFunction(torch.autograd.Function):
     """sparsemax along the last dim, with the analytic backward; `threshold(z)` computes tau.
 
-    sparsemax(z) = max(z - tau, 0). Its Jacobian is diag(s) - s s^T / |S| where s is the 0/1
-    support indicator, so the vector-Jacobian product is g - mean(g over the support), zeroed off
-    the support.
+    sparsemax(z) = max(z - tau, 0). Its Jacobian is diag(s) - outer(s, s) / |S| where s is the
+    0/1 support indicator, so the vector-Jacobian product is g - mean(g over the support), zeroed
+    off the support.
     """
 
     @staticmethod
@@ -73,6 +83,12 @@ class SparsemaxFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_p):
+        """grad_p (..., n) -> the gradient for z (..., n), and None for `threshold`.
+
+        What the graders check: against the explicit Jacobian on rows whose support is one entry
+        (the gradient is then 0), several entries and the whole row; entries at -inf get exactly
+        0; float64 stays float64 (torch.autograd.gradcheck); sparsemax along any dim (the caller
+        moves it last)."""
         (p,) = ctx.saved_tensors
         support = p.sign()  # (..., n): 1 on the support, 0 off it (p >= 0)
         g_mean = (torch.linalg.vecdot(grad_p, support).unsqueeze(-1)
@@ -159,32 +175,48 @@ class FDT(nn.Module):
         return 1.0 / (math.sqrt(self.tokens.shape[1]) * self.temperature)
 
     def relevance(self, queries):
-        """Eq. 1: r[b, t, k] = q[b, t] . C[k] / sqrt(dim) / T.
-        queries (B, T, dim) -> (B, T, n_tokens)."""
+        """Eq. 1: r[b, l, k] = q[b, l] . C[k] / sqrt(dim) / T, in the queries' dtype.
+        queries (B, L, dim) -> (B, L, n_tokens)."""
         return (queries @ self.tokens.t().to(queries.dtype)) * self.scale
 
     def pooled_relevance(self, queries, mask=None):
-        """Eq. 2: s[b, k] = max over real positions t of r[b, t, k]. mask (B, T) bool, True = real.
+        """Eq. 2: s[b, k] = max over real positions l of r[b, l, k] (r from self.relevance).
+        queries (B, L, dim), mask (B, L) bool, True = real, or None: every position is real.
 
         Pads get -inf, never 0: a 0 would beat every negative relevance of the real positions, so a
         caption's padding could decide which FDT tokens it activates (the official code multiplies
-        by the 0/1 mask, which does exactly that)."""
-        r = self.relevance(queries)                                  # (B, T, n_tokens)
+        by the 0/1 mask, which does exactly that).
+
+        What the graders check: pads of any value change nothing, also for a caption whose
+        relevances are all negative; pads get no gradient, real positions and the tokens do; float32
+        and float64, and bfloat16 under autocast; float16 relevances that overflow stay inf (so
+        sparsemax reports them); the same values and gradients as lib/fdt_fast.py's kernel,
+        which this method must not call (a student copy leaves it out)."""
+        r = self.relevance(queries)                                  # (B, L, n_tokens)
         if mask is not None:
-            # (B, T, 1) broadcast over the FDT tokens
+            # (B, L, 1) broadcast over the FDT tokens
             r = r.masked_fill(~mask[:, :, None], float("-inf"))
         return r.amax(dim=1)                                         # (B, n_tokens)
 
     def activate(self, s):
-        """Eq. 3: relevances (B, n_tokens) -> weights on the simplex, sparse with sparsemax."""
+        """Eq. 3: relevances (B, n_tokens) -> weights on the simplex in s's dtype: sparsemax, or
+        with activation="softmax" a softmax computed in float32 (every weight > 0)."""
         if self.activation == "sparsemax":
             return sparsemax(s, dim=-1)
         return torch.softmax(s.float(), dim=-1).to(s.dtype)
 
     def forward(self, queries, mask=None):
-        """queries (B, T, dim) already query-mapped -> weights (B, n_tokens), embedding (B, dim).
-        Every row needs a real position: a row of pads only is a ValueError (NaN weights where
-        the check is skipped: can_read_on_host)."""
+        """queries (B, L, dim) already query-mapped, mask (B, L) bool (True = real) or None ->
+        weights (B, n_tokens), embedding (B, dim), not yet normalised, in the weights' dtype.
+
+        Every row needs a real position. Where `can_read_on_host`, a row of pads only is a
+        ValueError whose message names the rows: "rows [1] of the mask have no real position";
+        elsewhere nothing is checked and that row's weights are NaN.
+
+        What the graders check besides the values (against a float64 composite by hand, and
+        against lib/fdt_fast.py's layer): pad invariance, gradients to the tokens and the queries,
+        bfloat16 autocast (weights and embedding in bfloat16, gradients in float32), softmax mode,
+        and the model and training end to end."""
         if mask is not None and can_read_on_host(mask) and not mask.any(dim=1).all():
             raise ValueError(f"FDT: rows {(~mask.any(dim=1)).nonzero().flatten().tolist()} "
                              "of the mask have no real position (True = real); "

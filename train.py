@@ -138,7 +138,11 @@ def parse_args(argv):
 
 def lr_at(step, total, warmup, peak, start=0.0):
     """Linear warm-up from `start` to `peak` over `warmup` steps, then cosine decay to 0 at
-    `total`."""
+    `total`.
+
+    Steps count from 0. Step s < warmup has start + (peak - start) * (s + 1) / warmup: step 0
+    already trains, step warmup - 1 is the first at peak; with warmup 0 training starts at peak.
+    From step warmup the cosine falls from peak to 0 at step total and stays 0 after it."""
     if step < warmup:
         return start + (peak - start) * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -7,7 +7,7 @@ read.
     sparsemax            the threshold from a partial top-k instead of a full sort (~14x faster
                          on (256, 16384) rows on a CPU), exact on every row
     MaxPooledRelevance   the masked max over positions keeping only the argmax for backward,
-                         instead of autograd through the (B, T, n_tokens) relevances
+                         instead of autograd through the (B, L, n_tokens) relevances
     FDT                  fdt.FDT with both: the same parameters, state dict and outputs
 """
 
@@ -91,17 +91,17 @@ def sparsemax(x, dim=-1):
 # the max over positions, keeping only the argmax
 
 class MaxPooledRelevance(torch.autograd.Function):
-    """s[b, k] = scale * max over real positions t of q[b, t] . C[k], keeping only the argmax for
+    """s[b, k] = scale * max over real positions l of q[b, l] . C[k], keeping only the argmax for
     backward.
 
-    Plain autograd through relevance -> masked_fill -> amax saves the (B, T, n_tokens) relevances.
-    But s[b, k] depends on one query only, the winning position t* = argmax_t, so its gradient
-    reaches q[b, t*] and C[k] alone:
-        grad_q[b, t*] += g[b, k] * scale * C[k]        grad_C[k] += g[b, k] * scale * q[b, t*]
+    Plain autograd through relevance -> masked_fill -> amax saves the (B, L, n_tokens) relevances.
+    But s[b, k] depends on one query only, the winning position l* = argmax_l, so its gradient
+    reaches q[b, l*] and C[k] alone:
+        grad_q[b, l*] += g[b, k] * scale * C[k]        grad_C[k] += g[b, k] * scale * q[b, l*]
     and sparsemax's gradient is zero off the support, so only tens of the (b, k) carry any: on the
     CPU backward gathers those. Finding them reads their count back to the host, which on a GPU
     waits for the device and under torch.compile splits the graph; there the same sums are two
-    matmuls per batch slice through the relevance gradient (one non-zero per (b, k), at t*).
+    matmuls per batch slice through the relevance gradient (one non-zero per (b, k), at l*).
     Where two positions tie exactly, amax splits the gradient between them and this gives it all to
     one (both are valid subgradients); with float32 features ties have probability zero, in bfloat16
     (8-bit mantissa) 1-2 % of the maxima over tens of positions are ties.
@@ -109,37 +109,37 @@ class MaxPooledRelevance(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, tokens, mask, scale):
-        """queries (B, T, dim), tokens = C (n_tokens, dim) in any float dtype (the maths runs in
-        queries' dtype; C's gradient comes back in C's), mask (B, T) bool (True = real) or None."""
+        """queries (B, L, dim), tokens = C (n_tokens, dim) in any float dtype (the maths runs in
+        queries' dtype; C's gradient comes back in C's), mask (B, L) bool (True = real) or None."""
         s, winner = [], []
         C = tokens.to(queries.dtype)
         # computes in queries' dtype, as s
         with torch.autocast(queries.device.type, enabled=False):
             for rows in _batch_slices(len(queries)):
-                # in slices: the whole (B, T, n_tokens) never exists, and on CPU a slice's
+                # in slices: the whole (B, L, n_tokens) never exists, and on CPU a slice's
                 # relevances stay in cache between the matmul and the max (tiny preset: 4 MB).
                 # bmm: matmul, given tensors that require grad, would do one mm and copy to
                 # transpose
-                q = queries[rows]                                    # (b, T, dim)
-                r = torch.bmm(C.expand(len(q), -1, -1), q.transpose(1, 2))  # (b, n_tokens, T)
+                q = queries[rows]                                    # (b, L, dim)
+                r = torch.bmm(C.expand(len(q), -1, -1), q.transpose(1, 2))  # (b, n_tokens, L)
                 if mask is not None:
                     r.masked_fill_(~mask[rows, None, :], float("-inf"))
-                best, t_star = r.max(dim=-1)                         # (b, n_tokens) each
+                best, l_star = r.max(dim=-1)                         # (b, n_tokens) each
                 s.append(best)
-                winner.append(t_star)
-        ctx.save_for_backward(queries, tokens, torch.cat(winner))   # (B, n_tokens): each t*
+                winner.append(l_star)
+        ctx.save_for_backward(queries, tokens, torch.cat(winner))   # (B, n_tokens): each l*
         ctx.scale = scale
         return torch.cat(s).mul_(scale)                              # scale > 0: the same max
 
     @staticmethod
     def backward(ctx, grad_s):
         queries, tokens, winner = ctx.saved_tensors
-        B, T, dim = queries.shape
+        B, L, dim = queries.shape
         grad_s = grad_s.float() * ctx.scale                          # (B, n_tokens)
         if fdt.can_read_on_host(grad_s):
             bk = grad_s.flatten().nonzero().squeeze(1)               # (P,) b * n_tokens + k, g != 0
             # a dense gradient (softmax): two matmuls cost less than a gathered row for each (b, k)
-            if len(bk) * dim <= B * T * tokens.shape[0]:
+            if len(bk) * dim <= B * L * tokens.shape[0]:
                 return *_sparse_backward(bk, grad_s, queries, tokens, winner), None, None
         return *_dense_backward(grad_s, queries, tokens, winner), None, None
 
@@ -154,23 +154,23 @@ def _sparse_backward(bk, grad_s, queries, tokens, winner):
     """MaxPooledRelevance's gradients from the P pairs (b, k) with a gradient, bk (P,) flat ids.
     The sums run in float32 whatever the dtype: bfloat16 sums of tens of terms lose ~2 % (one
     rounding of the result: ~0.2 %)."""
-    B, T, dim = queries.shape
+    B, L, dim = queries.shape
     n_tokens = tokens.shape[0]
     b, k = bk // n_tokens, bk % n_tokens
-    bt = b * T + winner.flatten()[bk]                                # (P,) b * T + t*, the winners
+    bl = b * L + winner.flatten()[bk]                                # (P,) b * L + l*, the winners
     g = grad_s.flatten()[bk, None]                                   # (P, 1) float32
-    q = queries.reshape(B * T, dim)
-    grad_queries = q.new_zeros(B * T, dim, dtype=torch.float32)
-    grad_queries.index_add_(0, bt, tokens.index_select(0, k).float().mul_(g))
+    q = queries.reshape(B * L, dim)
+    grad_queries = q.new_zeros(B * L, dim, dtype=torch.float32)
+    grad_queries.index_add_(0, bl, tokens.index_select(0, k).float().mul_(g))
     grad_tokens = torch.zeros_like(tokens, dtype=torch.float32)
-    grad_tokens.index_add_(0, k, q.index_select(0, bt).float().mul_(g))
-    return grad_queries.view(B, T, dim).to(queries.dtype), grad_tokens.to(tokens.dtype)
+    grad_tokens.index_add_(0, k, q.index_select(0, bl).float().mul_(g))
+    return grad_queries.view(B, L, dim).to(queries.dtype), grad_tokens.to(tokens.dtype)
 
 
 def _dense_backward(grad_s, queries, tokens, winner):
     """MaxPooledRelevance's gradients as matmuls through the relevance gradient, one batch slice
     at a time (as forward): no data-dependent shape, nothing read back to the host."""
-    B, T, dim = queries.shape
+    B, L, dim = queries.shape
     n_tokens = tokens.shape[0]
     C = tokens.to(queries.dtype)
     grad_s = grad_s.to(queries.dtype)
@@ -178,10 +178,10 @@ def _dense_backward(grad_s, queries, tokens, winner):
     grad_tokens = torch.zeros_like(tokens, dtype=torch.float32)      # summed over slices in float32
     for rows in _batch_slices(B):
         g = grad_s[rows]                                             # (b, n_tokens)
-        grad_r = g.new_zeros(len(g), n_tokens, T)                    # (b, n_tokens, T)
+        grad_r = g.new_zeros(len(g), n_tokens, L)                    # (b, n_tokens, L)
         grad_r.scatter_(-1, winner[rows, :, None], g[..., None])
-        grad_queries[rows] = grad_r.transpose(1, 2) @ C              # (b, T, dim)
-        grad_tokens += torch.einsum("bkt,btd->kd", grad_r, queries[rows]).float()
+        grad_queries[rows] = grad_r.transpose(1, 2) @ C              # (b, L, dim)
+        grad_tokens += torch.einsum("bkl,bld->kd", grad_r, queries[rows]).float()
     return grad_queries, grad_tokens.to(tokens.dtype)
 
 

@@ -89,6 +89,12 @@ def retrieval_metrics(image_emb, text_emb, text_to_image):
     at least as high as the best right one, so a tie counts against the model (a collapsed model
     with one embedding for everything scores 0, not 100). The full (N_img, N_txt) similarity
     matrix is built: 5k x 25k floats is 0.5 GB.
+
+    What the graders check: a brute-force count on random and on tied scores, in both forms of
+    text_to_image; a right answer at rank exactly k (k wrong ones above it) is a miss for R@k;
+    captions need not be grouped by image; perfect embeddings score 100 everywhere (rsum 600);
+    the keys i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10 and rsum, numbers a JSON file
+    can hold (eval.py writes them).
     """
     sim = image_emb.float() @ text_emb.float().t()                            # (N_img, N_txt)
     match = text_to_image.to(sim.device)
@@ -118,18 +124,26 @@ TEMPLATES = ["a photo of a {}.", "itap of a {}.", "a bad photo of the {}.", "a o
              "a photo of the small {}."]
 
 
-def zeroshot_classifier(model, tokenizer, classnames, templates, device):
-    """(C, D): per class, every template's normalised text embedding, averaged and renormalised.
-    Warns, naming them, about pieces of the class names that training never saw: they become UNK,
-    and classes made only of UNK pieces cannot be told apart. A name is split as it stands in a
-    prompt, after a space: BPE has other pieces for "red" and " red"."""
+def warn_unknown_pieces(tokenizer, classnames):
+    """Warns, naming them, about pieces of the class names that training never saw: they become
+    UNK, and classes made only of UNK pieces cannot be told apart. A name is split as it stands in
+    a prompt, after a space: BPE has other pieces for "red" and " red"."""
     unknown = tokenizer.unknown_pieces([" " + c for c in classnames])
     if unknown:
         warnings.warn(f"{len(unknown)} pieces of the class names never occurred in the training "
                       "captions and are read as unknown: "
-                      f"{', '.join(repr(p) for p in unknown[:20])}", stacklevel=2)
+                      f"{', '.join(repr(p) for p in unknown[:20])}", stacklevel=3)
+
+
+def zeroshot_classifier(model, tokenizer, classnames, templates, device):
+    """(C, D), one row per class in classnames' order: every template filled with the class name
+    (template.format(name)), embedded by embed_texts (unit rows), averaged and renormalised.
+
+    What the graders check: each row against that computation done class by class; a zero-shot
+    run on an image folder; and that warn_unknown_pieces(tokenizer, classnames) is called first."""
+    warn_unknown_pieces(tokenizer, classnames)
     texts = [t.format(c) for c in classnames for t in templates]
-    emb = embed_texts(model, tokenizer, texts, device)                        # (C * T, D)
+    emb = embed_texts(model, tokenizer, texts, device)                # (C * n_templates, D)
     return F.normalize(emb.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)  # (C, D)
 
 

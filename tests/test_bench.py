@@ -12,13 +12,13 @@ from tools import bench
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quick_run_prints_every_row(tmp_path):
+def test_quick_run_prints_every_row(tmp_path, last_error):
     # from an empty folder: no prepared dataset there, so the data row is a note and nothing is
     # written
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--device", "cpu"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, last_error(result.stderr)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("machine: ") and "torch " in lines[0] and "1 threads" in lines[0]
     table = "\n".join(lines[1:])

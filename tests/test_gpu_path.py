@@ -194,7 +194,7 @@ train.main(sys.argv[1:])
 """
 
 
-def test_two_ranks_build_the_cache_once_and_stop_at_one_step(tmp_path):
+def test_two_ranks_build_the_cache_once_and_stop_at_one_step(tmp_path, last_error):
     root = shapes.prepare(tmp_path / "shapes", n_train=192, n_val=30, n_test_per_pair=1)
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -204,9 +204,11 @@ def test_two_ranks_build_the_cache_once_and_stop_at_one_step(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), *flags(root, tmp_path / "run", "--steps", "30", "--eval-every", "100")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert sorted(p.name for p in marks.iterdir()) == ["decoded-by-rank0"], result.stderr[-3000:]
+    decoded = sorted(p.name for p in marks.iterdir())
+    assert decoded == ["decoded-by-rank0"], last_error(result.stderr)
     assert not list((root / "cache").glob("*.tmp*"))
     # both ranks stop after step 10, the first logging step after the Ctrl-C, and exit with 130
-    assert "interrupted (SIGINT) at step 10" in result.stdout + result.stderr, result.stderr[-3000:]
+    assert "interrupted (SIGINT) at step 10" in result.stdout + result.stderr, last_error(
+        result.stderr)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 10
     assert result.returncode != 0                             # SystemExit(130) on both ranks

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib import metrics
+import fdt
 import train
-from data import EOT, PAD
+from data import EOT, PAD, Tokenizer
 from fdt import sparsemax
+from lib import fdt_fast, metrics
 from model import CLIP, PRESETS, contrastive_loss
 
 # -----------------------------------------------------------------------------
@@ -105,6 +106,9 @@ def test_contrastive_loss_is_the_mean_of_both_directions():
     # symmetric in its two inputs
     swapped = contrastive_loss(txt, img, log_scale)
     assert swapped.item() == pytest.approx(got.item(), rel=1e-5)
+    # the inverse temperature is capped at 100: a logit scale of ln 1000 trains as ln 100
+    capped = contrastive_loss(img, txt, torch.tensor(math.log(1000.0)))
+    assert capped.item() == pytest.approx(sum(info_nce_by_hand(img, txt, 100.0)) / 2, rel=1e-5)
 
 
 def test_contrastive_loss_split_over_processes_adds_up():
@@ -122,13 +126,22 @@ def test_contrastive_loss_split_over_processes_adds_up():
 # support
 
 
+def tau_of(x, iters=200):
+    """float64 (..., 1): sparsemax's threshold along the last dim, the tau with
+    sum(max(x - tau, 0)) = 1, found by bisection."""
+    z = x.double()
+    hi = z.amax(dim=-1, keepdim=True)              # sum(max(z - hi, 0)) = 0 < 1
+    lo = hi - 1                                    # sum >= 1: the max alone contributes 1
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        enough = torch.clamp(z - mid, min=0).sum(dim=-1, keepdim=True) >= 1
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid)
+    return (lo + hi) / 2
+
+
 def support_of(x):
-    """float64 support indicator of sparsemax(x) along the last dim, from a sort done here."""
-    z, _ = torch.sort(x.double(), dim=-1, descending=True)
-    k = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64)
-    size = (1 + k * z > z.cumsum(-1)).sum(-1, keepdim=True)
-    tau = (z.cumsum(-1).gather(-1, size - 1) - 1) / size
-    return (x.double() > tau).double()
+    """float64 support indicator of sparsemax(x) along the last dim."""
+    return (x.double() > tau_of(x)).double()
 
 
 def test_sparsemax_gradient_is_the_jacobian_product():
@@ -152,6 +165,47 @@ def test_sparsemax_gradient_is_the_jacobian_product():
         for t in range(7):
             jac = torch.diag(s[b, t]) - torch.outer(s[b, t], s[b, t]) / s[b, t].sum()
             torch.testing.assert_close(x_t.grad[b, :, t], jac @ g_rows[b, t])
+
+
+
+def test_sparsemax_row_without_a_finite_entry_is_nan_where_nothing_checks(monkeypatch):
+    """On a GPU or under torch.compile (can_read_on_host is False) no check runs before the
+    threshold: a row of -inf must come out as NaN weights, and the other rows as usual. Its support
+    is empty, so a support size used as an index without clamping it to 1 fails here."""
+    monkeypatch.setattr(fdt, "can_read_on_host", lambda t: False)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 8, generator=g)
+    x[1] = float("-inf")
+    x[2, :5] = float("-inf")
+    good = torch.tensor([0, 2])
+    want = torch.clamp(x[good].double() - tau_of(x[good]), min=0)
+    for fn in (fdt.sparsemax, fdt_fast.sparsemax):
+        p = fn(x)
+        assert p[1].isnan().all(), fn.__module__
+        torch.testing.assert_close(p[good].double(), want, atol=1e-6, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# the plain layer pools by itself
+
+
+def test_plain_pooling_is_the_max_over_real_positions_without_the_fast_kernel(monkeypatch):
+    """fdt.FDT.pooled_relevance against a loop over each caption's real positions, with
+    lib/fdt_fast.py's kernel made to refuse: a student copy leaves that kernel out, so a pooling
+    that called it would work only in the instructor's copy."""
+    def refuse(*args):
+        raise AssertionError("fdt.FDT.pooled_relevance called lib/fdt_fast.py's kernel")
+    monkeypatch.setattr(fdt_fast.MaxPooledRelevance, "apply", refuse)
+    torch.manual_seed(0)
+    layer = fdt.FDT(12, 4, temperature=1.0)
+    queries = torch.randn(3, 5, 4)
+    mask = torch.tensor([[True] * 5, [True, False, True, False, False], [False] * 4 + [True]])
+    got = layer.pooled_relevance(queries, mask)
+    r = layer.relevance(queries).tolist()
+    for b in range(3):
+        for k in range(12):
+            want = max(r[b][p][k] for p in range(5) if mask[b, p])
+            assert got[b, k].item() == pytest.approx(want, rel=1e-6, abs=1e-7), (b, k)
 
 
 # -----------------------------------------------------------------------------
@@ -209,10 +263,32 @@ def test_lr_cosine_shape_and_zero_at_the_end():
     decay = total - warmup
     for fraction in (0.25, 0.5, 0.75):
         step = warmup + int(fraction * decay)
-        want = peak * 0.5 * (1 + math.cos(math.pi * fraction))          # 0.854, 0.5, 0.146 of peak
+        want = peak * math.cos(math.pi * fraction / 2) ** 2            # 0.854, 0.5, 0.146 of peak
         assert train.lr_at(step, total, warmup, peak) == pytest.approx(want), fraction
     assert train.lr_at(total, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
     # stays at 0
     assert train.lr_at(total + 7, total, warmup, peak) == pytest.approx(0.0, abs=1e-12)
     lrs = [train.lr_at(s, total, warmup, peak) for s in range(warmup, total + 1)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))                   # never rises after warm-up
+
+
+# -----------------------------------------------------------------------------
+# the zero-shot classifier: per class, the renormalised mean of its templates' unit embeddings
+
+
+def test_zeroshot_classifier_is_the_renormalised_template_mean():
+    model = small_text_model()
+    words = "a photo of the red blue pink circle star ring small"
+    tokenizer = Tokenizer.build([words], context_length=10)
+    # 4 classes and 3 templates: an average over the wrong axis cannot pass
+    classes = ["red circle", "blue star", "pink ring", "small red star"]
+    templates = ["a photo of the {}", "the {}", "a {} photo"]
+    got = metrics.zeroshot_classifier(model, tokenizer, classes, templates, "cpu")
+    assert got.shape == (4, 16)
+    with torch.no_grad():
+        for c, row in zip(classes, got):
+            unit = model.encode_text(tokenizer.encode([t.format(c) for t in templates])).double()
+            mean = unit.mean(dim=0)
+            torch.testing.assert_close(row.double(), mean / mean.norm(), atol=1e-5, rtol=0)
+    with pytest.warns(UserWarning, match="never occurred.*'ebra'"):
+        metrics.zeroshot_classifier(model, tokenizer, ["red zebra"], templates, "cpu")

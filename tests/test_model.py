@@ -92,14 +92,14 @@ def test_loss_at_init_near_log_batch(head):
 
 
 def test_contrastive_loss_matches_by_hand():
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
-    txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
-    scale = torch.tensor(2.0)
-    logits = (img @ txt.t()).double() * math.exp(2.0)
-    i2t = -torch.log_softmax(logits, 1).diag().mean()
-    t2i = -torch.log_softmax(logits, 0).diag().mean()
-    torch.testing.assert_close(contrastive_loss(img, txt, scale).double(), (i2t + t2i) / 2)
+    # two pairs with cosines [[1, 0.6], [0, 0.8]]; at inverse temperature 5 the logits are
+    # [[5, 3], [0, 4]], and each term is log(1 + e^-(own logit - other logit))
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    i2t = math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-4))     # rows: image -> texts
+    t2i = math.log(1 + math.exp(-5)) + math.log(1 + math.exp(-1))     # columns: text -> images
+    got = contrastive_loss(img, txt, torch.tensor(math.log(5.0)))
+    assert got.item() == pytest.approx((i2t + t2i) / 4, rel=1e-6)
     # perfectly aligned embeddings with a large scale give a near-zero loss
     assert contrastive_loss(img, img, torch.tensor(math.log(100))) < 0.01
 

@@ -72,7 +72,7 @@ def test_resume_after_ctrl_c_is_exact(shapes_root, tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_ddp_two_processes_equal_one(shapes_root, tmp_path):
+def test_ddp_two_processes_equal_one(shapes_root, tmp_path, last_error):
     """torchrun with 2 CPU processes (gloo) on the global batch of 32 = 1 process on the same
     batch, over one step: the loss over the gathered embeddings, the gradients summed over
     processes, the stem's BatchNorm over the global batch. Later steps are not compared: Adam
@@ -83,7 +83,7 @@ def test_ddp_two_processes_equal_one(shapes_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "train.py"), *flags(shapes_root, tmp_path / "two", "--steps", "1")]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, last_error(result.stderr)
     logged = {}
     for run in ("one", "two"):
         records = [json.loads(line)
