@@ -66,9 +66,9 @@ PRESETS = {
     # shapes' outlines in a few hundred steps even with direct labels; a conv stem with BatchNorm
     # does (python -m tools.tower; results/README.md). 16 px patches (a 4 x 4 grid; the stem's
     # four convs still see a whole ~21 px object) and 2 text layers (a 30-word language) cost a
-    # third of the FLOPs of 8 px and 4 layers and learn shape as fast per step, so the same time
-    # buys twice the steps. A sharper initial softmax (50 vs CLIP's 14.3) makes small caption
-    # differences count.
+    # third of the FLOPs of 8 px and 4 layers (python -m tools.step_cost), so the same time buys
+    # more than twice the steps, and shape is learned by the end of them. A sharper initial
+    # softmax (50 vs CLIP's 14.3) makes small caption differences count.
     "tiny": ModelConfig(patch_size=16, text_layers=2, stem="conv", stem_norm=True,
                         logit_scale_init=50.0),
     # one GPU, COCO at 128 px: ViT-S/16-like towers
