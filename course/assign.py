@@ -168,7 +168,7 @@ def check_output_folder(p, out):
         p.error(f"{parent} is a file; {out} cannot be made there")
 
 
-def stop_on_sigterm(signum, frame):
+def stop_on_signal(signum, frame):
     # SystemExit unwinds through run_tests, which ends the tests' processes on its way out
     raise SystemExit(128 + signum)
 
@@ -210,14 +210,18 @@ def main(argv=None):
             p.error(f"no such folder: {folder}")
         if not folder.is_dir():
             p.error(f"{folder} is not a folder; give the folder of a student's copy")
-        previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+        # a kill or a closed terminal stops grading as Ctrl-C does (a grader started with Ctrl-C
+        # ignored, as a shell starts a job in the background, ignores it like any program)
+        stops = (signal.SIGTERM, signal.SIGHUP)
+        previous = [signal.signal(s, stop_on_signal) for s in stops]
         try:
             return 0 if grade(folder, names, args.timeout) else 1
         except KeyboardInterrupt:
             print("interrupted: grading stopped, and every test process with it", file=sys.stderr)
             return 130
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for s, handler in zip(stops, previous):
+                signal.signal(s, handler)
     check_output_folder(p, folder)
     try:
         out = write_copy(folder, names)

@@ -54,11 +54,12 @@ FDT_LAYER = ["test_fdt_weights_and_embedding", "test_fdt_padding_invariance",
 
 # name -> teaches (one line); functions ("file.py:Qualname"), stubbed in a student copy and taken
 # from a submission; graders (test function names, the quick ones that test the function itself
-# first); minutes (expected student time, reading included); seconds (grading the reference on
-# a 2-core CPU: the default time limit is a multiple of it). A student copy must not hold an
-# assignment's answer elsewhere: copy_plain lists fast kernels whose copy calls the plain method
-# they override (so the copy trains the student's code), copy_hidden the kernels left out of the
-# copy (their tests fail there, and run against the instructor's kernels at grading).
+# first); minutes (expected student time, reading included); seconds (grading the reference alone,
+# measured on an idle 2-core Xeon: the default time limit is a multiple of it). A student copy
+# must not hold an assignment's answer elsewhere: copy_plain lists fast kernels whose copy calls
+# the plain method they override (so the copy trains the student's code), copy_hidden the kernels
+# left out of the copy (their tests fail there, and run against the instructor's kernels at
+# grading).
 ASSIGNMENTS = {
     "sparsemax-threshold": dict(
         teaches="sparsemax's forward: the threshold tau from a descending sort "
@@ -78,7 +79,7 @@ ASSIGNMENTS = {
                  "test_the_fdt_layer_compiles_to_one_graph"]
         + FDT_LAYER + FDT_MODEL + FDT_EVAL + TRAINED_MODEL + TRAINING + BENCH,
         minutes=45,
-        seconds=200,
+        seconds=82,
     ),
     "sparsemax-backward": dict(
         teaches="an analytic vector-Jacobian product in a torch.autograd.Function: "
@@ -96,7 +97,7 @@ ASSIGNMENTS = {
                  "test_fp16_loss_scale_lets_the_first_steps_update_the_weights"]
         + TRAINED_MODEL + TRAINING + BENCH,
         minutes=30,
-        seconds=200,
+        seconds=89,
     ),
     "fdt-pooling": dict(
         teaches="FDT Eq. 1-2: relevance max-pooled over positions, pads at -inf "
@@ -112,7 +113,7 @@ ASSIGNMENTS = {
                        "test_quick_run_prints_every_row",
                        "test_the_readable_fdt_trains_as_the_fast_one"],
         minutes=20,
-        seconds=60,
+        seconds=14,
         copy_plain=["lib/fdt_fast.py:FDT.pooled_relevance"],
         copy_hidden=["lib/fdt_fast.py:MaxPooledRelevance.forward"],
     ),
@@ -127,7 +128,7 @@ ASSIGNMENTS = {
                              "test_the_fdt_layer_compiles_to_one_graph"]
         + FDT_MODEL + FDT_EVAL + TRAINED_MODEL + TRAINING + BENCH,
         minutes=20,
-        seconds=200,
+        seconds=89,
         copy_plain=["lib/fdt_fast.py:FDT.activate"],
     ),
     "contrastive-loss": dict(
@@ -142,7 +143,7 @@ ASSIGNMENTS = {
                  "test_non_finite_loss_before_any_checkpoint_names_none"]
         + TRAINED_MODEL + TRAINING + BENCH,
         minutes=30,
-        seconds=200,
+        seconds=93,
     ),
     "retrieval-recall": dict(
         teaches="recall@1/5/10 both ways under the 5-captions protocol, "
@@ -157,7 +158,7 @@ ASSIGNMENTS = {
                  "test_read_only_checkpoint_folder_shows_results_then_one_line"]
         + TRAINED_AND_EVALUATED,
         minutes=45,
-        seconds=120,
+        seconds=69,
     ),
     "lr-schedule": dict(
         teaches="linear warm-up then cosine decay to 0, as a pure function of the step",
@@ -167,7 +168,7 @@ ASSIGNMENTS = {
                  "test_warmup_from_a_start_lr",
                  "test_non_finite_loss_before_any_checkpoint_names_none"] + TRAINING,
         minutes=15,
-        seconds=120,
+        seconds=69,
     ),
     "zeroshot-classifier": dict(
         teaches="prompt ensembling (Radford et al. 2021, 3.1.4): "
@@ -178,6 +179,6 @@ ASSIGNMENTS = {
                  "test_classifier_is_the_normalised_template_mean",
                  "test_imagefolder_matches_a_direct_computation"],
         minutes=15,
-        seconds=60,
+        seconds=14,
     ),
 }
