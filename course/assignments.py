@@ -55,11 +55,10 @@ FDT_LAYER = ["test_fdt_weights_and_embedding", "test_fdt_padding_invariance",
 # name -> teaches (one line); functions ("file.py:Qualname"), stubbed in a student copy and taken
 # from a submission; graders (test function names, the quick ones that test the function itself
 # first); minutes (expected student time, reading included); seconds (grading the reference alone,
-# measured on an idle 2-core Xeon: the default time limit is a multiple of it). A student copy
-# must not hold an assignment's answer elsewhere: copy_plain lists fast kernels whose copy calls
-# the plain method they override (so the copy trains the student's code), copy_hidden the kernels
-# left out of the copy (their tests fail there, and run against the instructor's kernels at
-# grading).
+# measured on an idle 2-core AMD EPYC: the default time limit is a multiple of it). A student copy
+# must not hold an assignment's answer elsewhere: copy_plain lists fast kernels whose copy calls the
+# plain method they override (so the copy trains the student's code), copy_hidden the kernels left
+# out of the copy (their tests fail there, and run against the instructor's kernels at grading).
 ASSIGNMENTS = {
     "sparsemax-threshold": dict(
         teaches="sparsemax's forward: the threshold tau from a descending sort "
