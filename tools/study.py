@@ -25,6 +25,7 @@ import eval as evaluation
 from lib import figures, shapes
 from lib.data_checks import clear_errors
 
+REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2, 3, 4)
 # name -> extra train.py flags; the first two are run with every seed, the ablations with seed 0
 RUNS = {
@@ -81,8 +82,7 @@ def train_one(name, seed, flags, args):
     threads = THREADS.get(name, args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.time()
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"),
-                             *argv],
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *argv],
                             env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed:\n{result.stderr[-2000:]}")
@@ -231,7 +231,7 @@ def main(argv=None):
             raise SystemExit(f"no {args.json}: run `python -m tools.study run` first")
         results = json.loads(Path(args.json).read_text())
         for doc, text in tables(results).items():
-            path = Path(__file__).resolve().parents[1] / doc
+            path = REPO / doc
             path.write_text(update_readme(path.read_text(), text))
             print(f"{doc}:\n{text}")
 
